@@ -1,0 +1,76 @@
+"""The ``/metrics`` endpoint of every fleet process (see :mod:`monitoring.multiprocess`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from monitoring.metrics import BUILD_INFO, QueueDepthCollector
+from monitoring.multiprocess import MULTIPROC_ENV
+from workers import __version__
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_LIVE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
+
+
+def mark_dead_processes(directory: str) -> list[int]:
+    """Forget the live-gauge files of processes that are gone; return their pids."""
+    dead = set()
+    for name in os.listdir(directory):
+        match = _LIVE_FILE.search(name)
+        if match and not _pid_alive(int(match.group(1))):
+            dead.add(int(match.group(1)))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return sorted(dead)
+
+
+class LiveMultiProcessCollector(MultiProcessCollector):
+    """Sums the children's files, after forgetting the live gauges of dead children."""
+
+    def __init__(self, registry: Any, path: str) -> None:
+        self._directory = path
+        super().__init__(registry, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Any]:
+        mark_dead_processes(self._directory)
+        return super().collect()  # type: ignore[no-untyped-call,no-any-return]
+
+
+def build_registry(read_depths: Callable[[], dict[str, int]] | None = None) -> Any:
+    """The registry this process serves: multiprocess-aware when the directory is set."""
+    registry = CollectorRegistry()
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        LiveMultiProcessCollector(registry, directory)
+    else:
+        registry.register(REGISTRY)
+    if read_depths is not None:
+        registry.register(QueueDepthCollector(read_depths))
+    return registry
+
+
+def serve_metrics(port: int, registry: Any, addr: str = "0.0.0.0") -> int:  # noqa: S104
+    """Serve ``/metrics`` on a daemon thread; returns the bound port (useful with 0)."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return int(server.server_port)
+
+
+def record_build_info(process: str) -> None:
+    BUILD_INFO.labels(__version__, platform.python_version(), process).set(1)

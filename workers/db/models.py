@@ -1,0 +1,199 @@
+"""Tables: the platform's own (names and meaning from the reference document) and the fleet's.
+
+The platform's tables keep the reference's column names. Values the platform stores as JSON
+text (``value``, ``metadata``, ``variants``) are TEXT here, as the platform writes them:
+the fleet must be able to read, and report, a row whose text is not valid JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on PostgreSQL and SQLite alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Configuration(Base):
+    """A configuration entry; the reference archives it with ``INSERT INTO
+    configuration_history SELECT * FROM configurations``, so both tables have the same
+    columns in the same order."""
+
+    __tablename__ = "configurations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(512))
+    value: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    schema_version: Mapped[str] = mapped_column(String(32), default="1.0")
+    environment: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # One active row per (key, environment, scope, tenant); NULL tenant counts as one.
+        Index(
+            "uq_configurations_active",
+            "key",
+            "environment",
+            "scope",
+            func.coalesce(text("tenant_id"), ""),
+            unique=True,
+            postgresql_where=text("active"),
+            sqlite_where=text("active"),
+        ),
+        Index("ix_configurations_environment_active", "environment", "active"),
+    )
+
+
+class ConfigurationHistory(Base):
+    __tablename__ = "configuration_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(String(512))
+    value: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    schema_version: Mapped[str] = mapped_column(String(32), default="1.0")
+    environment: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_configuration_history_lookup", "key", "environment", "scope"),)
+
+
+class ConfigurationAuditLog(Base):
+    __tablename__ = "configuration_audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    action: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(512))
+    environment: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    version: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    checksum: Mapped[str | None] = mapped_column(String(128))
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
+
+
+class FeatureFlag(Base):
+    __tablename__ = "feature_flags"
+
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    description: Mapped[str | None] = mapped_column(Text)
+    flag_type: Mapped[str] = mapped_column(String(16))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    default_variant: Mapped[str] = mapped_column(String(128))
+    variants: Mapped[str] = mapped_column(Text)
+    targeting_rules: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_by: Mapped[str] = mapped_column(String(128))
+    rollout_percentage: Mapped[float] = mapped_column(Float, default=0.0)
+    rollout_start_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    rollout_end_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    impression_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_evaluated: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class FeatureFlagAuditLog(Base):
+    __tablename__ = "feature_flag_audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    flag_key: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
+
+
+class TaskRun(Base):
+    """One row per execution of a job: written by the run bookkeeping, never by a task."""
+
+    __tablename__ = "task_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[str] = mapped_column(String(64))
+    schedule: Mapped[str | None] = mapped_column(String(128))
+    args: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(256))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+
+    __table_args__ = (
+        Index("ix_task_runs_job_started", "job", "started_at"),
+        Index("ix_task_runs_task_id", "task_id"),
+        Index("ix_task_runs_started", "started_at"),
+    )

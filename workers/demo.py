@@ -1,0 +1,250 @@
+"""``fleet demo``: the whole fleet on the embedded default, watched live, then stopped.
+
+The demo always runs in its own home (``.fleet/demo``, wiped at start) on SQLite and an
+embedded Redis, whatever ``FLEET_*`` service settings are set: it seeds sample data and
+must never write into a real database. It starts a scheduler and a worker as separate
+processes (as production does), shows runs as they happen, checks that every job it
+expects has succeeded, and exits 0 only then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy import select
+
+from workers.cli.common import FleetCliError, start_runtime
+from workers.db.models import TaskRun
+from workers.settings import load_settings
+
+# Service settings the demo never inherits: it runs on the embedded default only.
+_SERVICE_VARIABLES = (
+    "FLEET_DATABASE_URL",
+    "FLEET_REDIS_URL",
+    "FLEET_VAULT_ADDR",
+    "FLEET_VAULT_TOKEN",
+    "FLEET_VAULT_TOKEN_FILE",
+    "FLEET_SCHEDULE_FILE",
+)
+# Jobs the demo must see succeed, and how many times, before it calls the fleet healthy.
+EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class DemoFleet:
+    home: Path
+    env: dict[str, str]
+    processes: list[Process] = field(default_factory=list)
+
+    def spawn(self, name: str, *args: str) -> Process:
+        log = self.home / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "workers", *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def died(self) -> Process | None:
+        return next((p for p in self.processes if p.popen.poll() is not None), None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown for all: SIGTERM, wait, and only then SIGKILL."""
+        for process in self.processes:
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            try:
+                process.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+
+
+def _demo_env(home: Path, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({name: "" for name in _SERVICE_VARIABLES})  # empty means unset, even over .env
+    env.update(
+        FLEET_HOME=str(home),
+        FLEET_REDIS_URL=redis_url,
+        FLEET_DATABASE_URL=f"sqlite:///{home / 'fleet.db'}",
+        FLEET_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _runs_table(runs: list[TaskRun], elapsed: float, duration: float) -> Table:
+    table = Table(title=f"fleet demo: {elapsed:4.0f}s of {duration:.0f}s", title_justify="left")
+    for column in ("started (UTC)", "job", "schedule", "outcome", "seconds", "result"):
+        table.add_column(column)
+    for run in runs[-15:]:
+        seconds = (
+            f"{(run.finished_at - run.started_at).total_seconds():.3f}" if run.finished_at else ""
+        )
+        table.add_row(
+            run.started_at.strftime("%H:%M:%S"),
+            run.job,
+            run.schedule or "-",
+            run.outcome,
+            seconds,
+            _short(run.result or run.error),
+        )
+    return table
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _missing_successes(runs: list[TaskRun]) -> list[str]:
+    missing = []
+    for job, wanted in EXPECTED_SUCCESSES.items():
+        seen = sum(1 for run in runs if run.job == job and run.outcome == "success")
+        if seen < wanted:
+            missing.append(f"{job}: {seen} of {wanted} successful runs")
+    return missing
+
+
+def _scrape(port: int, prefix: str = "fleet_task_runs_total") -> list[str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return [f"(metrics unavailable: {exc})"]
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+@click.command()
+@click.option(
+    "--duration",
+    type=click.FloatRange(5, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to run the fleet before stopping it.",
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the demo keeps its state (default: FLEET_HOME/demo, wiped at start).",
+)
+def demo(duration: float, home: Path | None) -> None:
+    """Run the fleet on the embedded default and show every job working."""
+    base = load_settings().home if home is None else home
+    home = (base / "demo" if home is None else home).resolve()
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    console = Console()
+    overrides: dict[str, Any] = {
+        name.removeprefix("FLEET_").lower(): None for name in _SERVICE_VARIABLES
+    }
+    overrides.update(home=home, database_url=f"sqlite:///{home / 'fleet.db'}")
+    rt = start_runtime(load_settings(**overrides))
+    try:
+        _run_demo(rt, home, duration, console)
+    finally:
+        rt.close()
+
+
+def _run_demo(rt: Any, home: Path, duration: float, console: Console) -> None:
+    from workers.db import migrate
+
+    _before, after = migrate(rt.engine)
+    console.print(f"database [bold]{rt.settings.sqlalchemy_url}[/] migrated to {after}")
+    console.print(f"embedded Redis at [bold]{rt.redis_url}[/]")
+    fleet = DemoFleet(home, _demo_env(home, rt.redis_url))
+    worker_port, scheduler_port = free_port(), free_port()
+    demo_schedule = Path(str(resources.files("schedules").joinpath("demo.yaml")))
+    fleet.spawn("worker", "worker", "-c", "1", "--metrics-port", str(worker_port))
+    fleet.spawn(
+        "scheduler",
+        "scheduler",
+        "--schedule-file",
+        str(demo_schedule),
+        "--metrics-port",
+        str(scheduler_port),
+    )
+    console.print(
+        f"metrics: worker http://127.0.0.1:{worker_port}/metrics, "
+        f"scheduler http://127.0.0.1:{scheduler_port}/metrics; logs in {home / 'logs'}"
+    )
+    try:
+        runs = _watch(rt, fleet, duration, console)
+        counts = _scrape(worker_port)
+    finally:
+        fleet.stop()
+    console.print("worker metrics at the end:")
+    for line in counts:
+        console.print(f"  {line}")
+    missing = _missing_successes(runs)
+    if missing:
+        raise FleetCliError(f"demo incomplete: {'; '.join(missing)} (logs in {home / 'logs'})")
+    console.print(f"[bold green]demo ok[/]: {len(runs)} runs recorded; every job succeeded")
+
+
+def _watch(rt: Any, fleet: DemoFleet, duration: float, console: Console) -> list[TaskRun]:
+    started = time.monotonic()
+    runs: list[TaskRun] = []
+    shown = 0
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    with live if live is not None else contextlib.nullcontext():
+        while (elapsed := time.monotonic() - started) < duration:
+            dead = fleet.died()
+            if dead is not None:
+                tail = dead.log.read_text()[-600:]
+                raise FleetCliError(f"the demo's {dead.name} exited early: {tail.strip()[-300:]}")
+            with rt.sessions() as session:
+                runs = list(session.scalars(select(TaskRun).order_by(TaskRun.id)))
+            if live is not None:
+                live.update(_runs_table(runs, elapsed, duration), refresh=True)
+            else:
+                finished = [run for run in runs if run.outcome != "running"]
+                for run in finished[shown:]:
+                    console.print(
+                        f"{run.started_at:%H:%M:%S} {run.job} schedule={run.schedule or '-'} "
+                        f"outcome={run.outcome} result={_short(run.result or run.error)}"
+                    )
+                shown = len(finished)
+            time.sleep(0.5)
+    return runs
+
+
+def register(group: click.Group) -> None:
+    group.add_command(demo)

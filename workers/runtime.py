@@ -1,0 +1,145 @@
+"""The process's connections, built from the settings on first use.
+
+One :class:`Runtime` per process: the CLI (or a test) builds it from the settings and
+installs it; tasks and the run bookkeeping reach it with :func:`runtime`. Pools are not
+shared across ``fork``: a prefork child drops the parent's connections and opens its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from functools import cached_property
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.db import make_engine, make_session_factory
+from workers.embedded import EmbeddedRedis, EmbeddedRedisError
+from workers.settings import FleetSettings, SettingsError
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        redis_url: str | None = None,
+        *,
+        start_embedded: bool = True,
+    ) -> None:
+        """``start_embedded=False``: use the embedded Redis only if some other fleet
+        process already runs it (a message sent to a server that stops with the sender
+        would be lost)."""
+        self.settings = settings
+        self._embedded: EmbeddedRedis | None = None
+        self._redis_url = redis_url or settings.redis_url
+        self._start_embedded = start_embedded
+        self._lock = threading.Lock()
+
+    # Redis ---------------------------------------------------------------------------
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis URL, starting the embedded server the first time it is needed."""
+        with self._lock:
+            if self._redis_url is None:
+                embedded = EmbeddedRedis(self.settings.home)
+                if not self._start_embedded:
+                    if not embedded.answers():
+                        raise EmbeddedRedisError(
+                            "the embedded Redis is not running: start `fleet worker` or "
+                            "`fleet demo` first, or set FLEET_REDIS_URL"
+                        )
+                    self._redis_url = embedded.url
+                    return self._redis_url
+                self._embedded = embedded
+                self._redis_url = embedded.ensure()
+                atexit.register(self.close)
+            return self._redis_url
+
+    @property
+    def broker_url(self) -> str:
+        """The same Redis in kombu's spelling (unix sockets are ``redis+socket://``)."""
+        url = self.redis_url
+        if url.startswith("unix://"):
+            return "redis+socket://" + url[len("unix://") :]
+        return url
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10, health_check_interval=30)
+
+    # Database ------------------------------------------------------------------------
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.sqlalchemy_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine)
+
+    def require_migrated(self) -> None:
+        """Stop with one line when the database is not at the newest schema."""
+        from workers.db import current_revision, head_revision
+
+        try:
+            current = current_revision(self.engine)
+        except Exception as exc:
+            raise SettingsError(f"database unreachable: {type(exc).__name__}") from None
+        if current != head_revision():
+            raise SettingsError(
+                f"database schema is at {current or 'nothing'}, not {head_revision()}: "
+                "run `fleet migrate`"
+            )
+
+    # Lifecycle -----------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's pools without closing its sockets."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.dispose(close=False)
+        self.__dict__.pop("sessions", None)
+        self.__dict__.pop("redis", None)
+        self._embedded = None  # the parent owns the embedded server
+
+    def close(self) -> None:
+        client = self.__dict__.pop("redis", None)
+        if client is not None:
+            client.close()
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.dispose()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+
+_current: Runtime | None = None
+
+
+def install(rt: Runtime) -> Runtime:
+    global _current
+    _current = rt
+    return rt
+
+
+def runtime() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no fleet runtime installed in this process")
+    return _current
+
+
+def installed() -> Runtime | None:
+    return _current
+
+
+def _after_fork_in_child() -> None:
+    if _current is not None:
+        _current.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

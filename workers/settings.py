@@ -1,0 +1,239 @@
+"""The fleet's settings: one typed object, read from ``FLEET_*`` variables and ``.env``.
+
+Built once by whoever starts a process (the CLI, a test) and passed down; nothing reads
+the environment at import time. A bad value stops the process at start with one line
+naming the variable, and secret values never appear in that line, in ``repr`` or in logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.errors import FleetError
+
+ENV_PREFIX = "FLEET_"
+
+# Fields whose raw input must never be echoed back in an error message.
+_SECRET_FIELDS = frozenset({"database_url", "redis_url", "vault_token"})
+
+_DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "sqlite")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class SettingsError(FleetError):
+    """A setting is missing or invalid; the message is one line naming the variable."""
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    return urlsplit(url).password
+
+
+class FleetSettings(BaseSettings):
+    """Every knob of the fleet. Unset service settings mean the embedded default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Services. None means: run on the embedded default.
+    database_url: str | None = Field(default=None, repr=False)
+    redis_url: str | None = Field(default=None, repr=False)
+    vault_addr: str | None = None
+    vault_token: SecretStr | None = Field(default=None, repr=False)
+    vault_token_file: Path | None = None
+    prometheus_url: str | None = None
+
+    # Files and directories.
+    home: Path = Path(".fleet")
+    config_dir: Path | None = None
+    schedule_file: Path | None = None
+
+    # Observability.
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Celery.
+    visibility_timeout: int = Field(default=7200, gt=0)
+    time_limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    worker_concurrency: int = Field(default=2, ge=1, le=256)
+    result_expires: int = Field(default=86400, gt=0)
+    # More job families to load beside the fleet's own (module names).
+    extra_job_modules: list[str] = Field(default_factory=list)
+
+    # Scheduler: how long a fire's claim is remembered, and how long a replica that
+    # claimed a fire has to enqueue it before another replica takes the fire over.
+    fire_claim_ttl: int = Field(default=86400, gt=0)
+    fire_lease_seconds: int = Field(default=30, gt=0)
+
+    @field_validator(
+        "database_url",
+        "redis_url",
+        "vault_addr",
+        "vault_token",
+        "vault_token_file",
+        "prometheus_url",
+        "config_dir",
+        "schedule_file",
+        "log_format",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"scheme must be one of {', '.join(_DATABASE_SCHEMES)} (got {scheme or 'none'!r})"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                f"scheme must be one of {', '.join(_REDIS_SCHEMES)} (got {scheme or 'none'!r})"
+            )
+        return value
+
+    @field_validator("vault_addr", "prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("time_limits")
+    @classmethod
+    def _limits_ordered(
+        cls, value: dict[str, tuple[float, float]]
+    ) -> dict[str, tuple[float, float]]:
+        for job, (soft, hard) in value.items():
+            if not 0 < soft < hard:
+                raise ValueError(f"{job}: soft limit {soft} must be positive and below hard {hard}")
+        return value
+
+    @model_validator(mode="after")
+    def _token_file(self) -> FleetSettings:
+        if self.vault_token is not None and self.vault_token_file is not None:
+            raise ValueError(
+                f"{ENV_PREFIX}VAULT_TOKEN and {ENV_PREFIX}VAULT_TOKEN_FILE are both set; keep one"
+            )
+        if self.vault_token_file is not None and not self.vault_token_file.is_file():
+            raise ValueError(
+                f"{ENV_PREFIX}VAULT_TOKEN_FILE: {self.vault_token_file} is not a readable file"
+            )
+        return self
+
+    # Derived values -------------------------------------------------------------------
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in the form SQLAlchemy wants (psycopg 3 for PostgreSQL)."""
+        if self.database_url is None:
+            return f"sqlite:///{(self.home / 'fleet.db').resolve()}"
+        if self.database_url.startswith("postgresql://"):
+            return "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
+        return self.database_url
+
+    def vault_token_value(self) -> str | None:
+        if self.vault_token is not None:
+            return self.vault_token.get_secret_value()
+        if self.vault_token_file is not None:
+            return self.vault_token_file.read_text().strip()
+        return None
+
+    def secret_values(self) -> list[str]:
+        """Values that must never reach logs, metrics, errors or results in clear."""
+        found = [url_password(self.database_url), url_password(self.redis_url)]
+        with contextlib.suppress(OSError):
+            found.append(self.vault_token_value())
+        return [value for value in found if value]
+
+    def describe(self) -> dict[str, Any]:
+        """What an operator may see: every setting, with secrets masked."""
+        return {
+            "database": mask_url(self.sqlalchemy_url),
+            "redis": mask_url(self.redis_url) if self.redis_url else "embedded",
+            "vault": self.vault_addr or "embedded SQL secret store",
+            "prometheus": self.prometheus_url or "not configured",
+            "home": str(self.home),
+            "metrics_port": self.metrics_port,
+        }
+
+
+def _describe_error(error: Any) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not field:
+        return message
+    variable = ENV_PREFIX + field.upper()
+    if field in _SECRET_FIELDS or error["type"] == "value_error":
+        return f"{variable}: {message}"
+    return f"{variable}={error.get('input')!r}: {message}"
+
+
+def load_settings(**overrides: Any) -> FleetSettings:
+    """Build the settings once, from the environment (and ``.env``) plus ``overrides``.
+
+    Raises :class:`SettingsError` with one line naming the first bad variable.
+    """
+    try:
+        return FleetSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more)" if more else ""
+        raise SettingsError(_describe_error(first) + suffix) from None
+    except ValueError as exc:  # a settings source that cannot parse its input (bad JSON)
+        match = re.search(r'field "(\w+)"', str(exc))
+        if match is None:
+            raise SettingsError(str(exc).strip().splitlines()[0]) from None
+        variable = ENV_PREFIX + match.group(1).upper()
+        raise SettingsError(f"{variable}: not valid JSON for this setting") from None
