@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS: tuple[str, ...] = ("bench.fires",)
+BENCHMARKS: tuple[str, ...] = ("bench.fires", "bench.drift")
 
 
 def main(names: list[str]) -> None:

@@ -58,6 +58,31 @@ BUILD_INFO = Gauge(
     multiprocess_mode="max",
 )
 
+# Drift detection ----------------------------------------------------------------------
+
+DRIFT_FINDINGS = Gauge(
+    "fleet_drift_findings",
+    "Open drift findings by environment, kind and severity (info: declared as expected).",
+    ["environment", "kind", "severity"],
+    multiprocess_mode="mostrecent",
+)
+DRIFT_OPENED = Counter(
+    "fleet_drift_findings_opened",
+    "Drift findings opened (new, or back after being resolved).",
+    ["environment", "kind", "severity"],
+)
+DRIFT_RESOLVED = Counter(
+    "fleet_drift_findings_resolved",
+    "Drift findings resolved: the difference is gone.",
+    ["environment", "kind", "severity"],
+)
+DRIFT_LAST_RUN = Gauge(
+    "fleet_drift_last_run_timestamp_seconds",
+    "Unix time of the last completed drift run covering the environment.",
+    ["environment"],
+    multiprocess_mode="max",
+)
+
 QUEUE_DEPTH_NAME = "fleet_queue_depth"
 QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."
 BROKER_UP_NAME = "fleet_broker_up"

@@ -84,7 +84,10 @@ def collect_status(
 
 
 def render_status(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        from workers.cli.common import console as make_console
+
+        console = make_console()
     table = Table(title="Schedules", title_justify="left")
     for column in ("name", "job", "cron", "queue", "next fire", "last outcome"):
         table.add_column(column)

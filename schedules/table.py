@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.errors import FleetError
 from workers.jobs import QUEUES, JobArgumentError, JobSpec
+from workers.yamlio import load_yaml
 
 
 class ScheduleError(FleetError):
@@ -156,7 +157,7 @@ def _problem(exc: ValidationError) -> str:
 def parse_schedules(text: str, source: str, jobs: Mapping[str, JobSpec]) -> list[Schedule]:
     """Parse and check a schedule file's text. Raises :class:`ScheduleError`."""
     try:
-        document = yaml.safe_load(text)
+        document = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

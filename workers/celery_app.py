@@ -22,7 +22,7 @@ from workers.runtime import Runtime
 from workers.settings import SettingsError
 
 # Job families, found by module name so that this package never imports them directly.
-JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat",)
+JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat", "tasks.drift")
 
 
 def job_modules(rt: Runtime) -> tuple[str, ...]:
@@ -46,7 +46,9 @@ class JobTimeLimits:
         self._overrides = overrides
 
     def limits(self, spec: JobSpec) -> tuple[float, float]:
-        return self._overrides.get(spec.name, (spec.soft_time_limit, spec.time_limit))
+        """The job's own entry, else the ``"*"`` entry, else what the job declares."""
+        default = self._overrides.get("*", (spec.soft_time_limit, spec.time_limit))
+        return self._overrides.get(spec.name, default)
 
     def annotate(self, task: Any) -> dict[str, float] | None:
         spec = JOBS.get(task.name)

@@ -10,6 +10,7 @@ expects has succeeded, and exits 0 only then.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -19,9 +20,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import click
 from rich.console import Console
@@ -30,7 +32,9 @@ from rich.table import Table
 from sqlalchemy import select
 
 from workers.cli.common import FleetCliError, start_runtime
+from workers.cli.common import console as wide_console
 from workers.db.models import TaskRun
+from workers.runtime import Runtime
 from workers.settings import load_settings
 
 # Service settings the demo never inherits: it runs on the embedded default only.
@@ -41,9 +45,28 @@ _SERVICE_VARIABLES = (
     "FLEET_VAULT_TOKEN",
     "FLEET_VAULT_TOKEN_FILE",
     "FLEET_SCHEDULE_FILE",
+    "FLEET_CONFIG_DIR",
 )
-# Jobs the demo must see succeed, and how many times, before it calls the fleet healthy.
+# Each job family's part of the demo, found by module name (each has ``act()``).
+ACT_MODULES: tuple[str, ...] = ("tasks.drift.demo",)
+# Jobs the demo must see succeed, and how many times, besides what the acts expect.
 EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}
+
+
+class DemoAct(Protocol):
+    """One job family's part: seed data, act mid-way, say how it goes and what is missing."""
+
+    name: str
+    expected_successes: ClassVar[dict[str, int]]
+
+    def prepare(self, rt: Runtime, now: datetime) -> str: ...
+    def tick(self, rt: Runtime, now: datetime) -> str | None: ...
+    def status(self, rt: Runtime) -> str: ...
+    def problems(self, rt: Runtime) -> list[str]: ...
+
+
+def load_acts() -> list[DemoAct]:
+    return [importlib.import_module(name).act() for name in ACT_MODULES]
 
 
 def free_port() -> int:
@@ -110,8 +133,14 @@ def _demo_env(home: Path, redis_url: str) -> dict[str, str]:
     return env
 
 
-def _runs_table(runs: list[TaskRun], elapsed: float, duration: float) -> Table:
-    table = Table(title=f"fleet demo: {elapsed:4.0f}s of {duration:.0f}s", title_justify="left")
+def _runs_table(runs: list[TaskRun], elapsed: float, duration: float, statuses: list[str]) -> Table:
+    caption = "\n".join(statuses) or None
+    table = Table(
+        title=f"fleet demo: {elapsed:4.0f}s of {duration:.0f}s",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
     for column in ("started (UTC)", "job", "schedule", "outcome", "seconds", "result"):
         table.add_column(column)
     for run in runs[-15:]:
@@ -134,22 +163,25 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _missing_successes(runs: list[TaskRun]) -> list[str]:
+def _missing_successes(runs: list[TaskRun], acts: list[DemoAct]) -> list[str]:
+    expected = dict(EXPECTED_SUCCESSES)
+    for act in acts:
+        expected.update(act.expected_successes)
     missing = []
-    for job, wanted in EXPECTED_SUCCESSES.items():
+    for job, wanted in expected.items():
         seen = sum(1 for run in runs if run.job == job and run.outcome == "success")
         if seen < wanted:
             missing.append(f"{job}: {seen} of {wanted} successful runs")
     return missing
 
 
-def _scrape(port: int, prefix: str = "fleet_task_runs_total") -> list[str]:
+def _scrape(port: int, prefixes: tuple[str, ...]) -> list[str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError as exc:
         return [f"(metrics unavailable: {exc})"]
-    return [line for line in text.splitlines() if line.startswith(prefix)]
+    return [line for line in text.splitlines() if line.startswith(prefixes)]
 
 
 @click.command()
@@ -171,7 +203,7 @@ def demo(duration: float, home: Path | None) -> None:
     home = (base / "demo" if home is None else home).resolve()
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    console = Console()
+    console = wide_console()
     overrides: dict[str, Any] = {
         name.removeprefix("FLEET_").lower(): None for name in _SERVICE_VARIABLES
     }
@@ -189,6 +221,9 @@ def _run_demo(rt: Any, home: Path, duration: float, console: Console) -> None:
     _before, after = migrate(rt.engine)
     console.print(f"database [bold]{rt.settings.sqlalchemy_url}[/] migrated to {after}")
     console.print(f"embedded Redis at [bold]{rt.redis_url}[/]")
+    acts = load_acts()
+    for act in acts:
+        console.print(act.prepare(rt, datetime.now(UTC)))
     fleet = DemoFleet(home, _demo_env(home, rt.redis_url))
     worker_port, scheduler_port = free_port(), free_port()
     demo_schedule = Path(str(resources.files("schedules").joinpath("demo.yaml")))
@@ -206,20 +241,31 @@ def _run_demo(rt: Any, home: Path, duration: float, console: Console) -> None:
         f"scheduler http://127.0.0.1:{scheduler_port}/metrics; logs in {home / 'logs'}"
     )
     try:
-        runs = _watch(rt, fleet, duration, console)
-        counts = _scrape(worker_port)
+        runs = _watch(rt, fleet, acts, duration, console)
+        counts = _scrape(
+            worker_port,
+            (
+                "fleet_task_runs_total",
+                "fleet_drift_findings_opened_total",
+                "fleet_drift_findings_resolved_total",
+            ),
+        )
     finally:
         fleet.stop()
     console.print("worker metrics at the end:")
     for line in counts:
         console.print(f"  {line}")
-    missing = _missing_successes(runs)
+    for act in acts:
+        console.print(act.status(rt))
+    missing = _missing_successes(runs, acts) + [p for act in acts for p in act.problems(rt)]
     if missing:
         raise FleetCliError(f"demo incomplete: {'; '.join(missing)} (logs in {home / 'logs'})")
     console.print(f"[bold green]demo ok[/]: {len(runs)} runs recorded; every job succeeded")
 
 
-def _watch(rt: Any, fleet: DemoFleet, duration: float, console: Console) -> list[TaskRun]:
+def _watch(
+    rt: Any, fleet: DemoFleet, acts: list[DemoAct], duration: float, console: Console
+) -> list[TaskRun]:
     started = time.monotonic()
     runs: list[TaskRun] = []
     shown = 0
@@ -232,8 +278,13 @@ def _watch(rt: Any, fleet: DemoFleet, duration: float, console: Console) -> list
                 raise FleetCliError(f"the demo's {dead.name} exited early: {tail.strip()[-300:]}")
             with rt.sessions() as session:
                 runs = list(session.scalars(select(TaskRun).order_by(TaskRun.id)))
+            for act in acts:
+                said = act.tick(rt, datetime.now(UTC))
+                if said:
+                    console.print(said)
             if live is not None:
-                live.update(_runs_table(runs, elapsed, duration), refresh=True)
+                statuses = [act.status(rt) for act in acts]
+                live.update(_runs_table(runs, elapsed, duration, statuses), refresh=True)
             else:
                 finished = [run for run in runs if run.outcome != "running"]
                 for run in finished[shown:]:

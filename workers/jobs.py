@@ -147,6 +147,8 @@ class FleetTask(Task):  # type: ignore[misc]
     """Checks arguments against the job's spec before running: bad ones never retry."""
 
     typing = False  # argument checking is ours, with a clearer message
+    # Expected failures: recorded as failures, logged without a traceback.
+    throws = (PermanentError,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         spec = JOBS.get(self.name)

@@ -182,6 +182,13 @@ class FleetSettings(BaseSettings):
             return "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
         return self.database_url
 
+    @property
+    def configuration_dir(self) -> Path:
+        """``FLEET_CONFIG_DIR``, or the sample configuration that ships with the fleet."""
+        if self.config_dir is not None:
+            return self.config_dir
+        return Path(__file__).resolve().parent / "sample_config"
+
     def vault_token_value(self) -> str | None:
         if self.vault_token is not None:
             return self.vault_token.get_secret_value()
@@ -203,6 +210,7 @@ class FleetSettings(BaseSettings):
             "redis": mask_url(self.redis_url) if self.redis_url else "embedded",
             "vault": self.vault_addr or "embedded SQL secret store",
             "prometheus": self.prometheus_url or "not configured",
+            "config_dir": str(self.configuration_dir),
             "home": str(self.home),
             "metrics_port": self.metrics_port,
         }

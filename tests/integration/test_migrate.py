@@ -84,3 +84,20 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("fleet: error: database unreachable:")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_models_and_the_migrations_agree(postgres_url: str) -> None:
+    """Nothing in workers/db/models.py is missing from the migrations, or the reverse."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from workers.db.models import Base
+
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []

@@ -23,7 +23,7 @@ def env(fleet_env: dict[str, str]) -> dict[str, str]:
     # Short limits so that a dead worker's message comes back within seconds.
     fleet_env.update(
         FLEET_VISIBILITY_TIMEOUT="4",
-        FLEET_TIME_LIMITS=json.dumps({"fleet.heartbeat": [2.5, 3]}),
+        FLEET_TIME_LIMITS=json.dumps({"*": [2.5, 3]}),
     )
     return fleet_env
 
@@ -96,7 +96,7 @@ def test_a_killed_pool_child_gives_its_task_back(
     The limits are generous here: billiard can take seconds to notice a dead child, and a
     time limit that expires first turns the loss into a timeout failure instead.
     """
-    env.update(FLEET_VISIBILITY_TIMEOUT="60", FLEET_TIME_LIMITS='{"fleet.heartbeat": [20, 25]}')
+    env.update(FLEET_VISIBILITY_TIMEOUT="60", FLEET_TIME_LIMITS='{"*": [20, 25]}')
     worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=env)
     task_id = enqueue(env, "--arg", "hold_seconds=2")
     wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")

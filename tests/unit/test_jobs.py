@@ -94,11 +94,15 @@ def test_jobs_route_to_their_queue_and_get_their_limits(app: Celery) -> None:
 
 def test_time_limits_can_be_overridden_by_settings(tmp_path: Any) -> None:
     settings = FleetSettings(
-        home=tmp_path, time_limits={"fleet.heartbeat": (1.5, 2.0)}, visibility_timeout=5
+        home=tmp_path,
+        time_limits={"fleet.heartbeat": (1.5, 2.0), "*": (3.0, 4.0)},
+        visibility_timeout=5,
     )
     application = create_app(Runtime(settings, redis_url="redis://127.0.0.1:1/0"))
     task = application.tasks["fleet.heartbeat"]
     assert (task.soft_time_limit, task.time_limit) == (1.5, 2.0)
+    other = application.tasks["drift.detect"]
+    assert (other.soft_time_limit, other.time_limit) == (3.0, 4.0)
     assert application.conf.broker_transport_options["visibility_timeout"] == 5
 
 

@@ -19,7 +19,12 @@ from workers.errors import FleetError
 
 # Command groups contributed by other packages, found by module name (the same way the
 # Celery app finds jobs), so that this package imports none of them directly.
-COMMAND_MODULES: tuple[str, ...] = ("workers.cli.core", "schedules.cli", "workers.demo")
+COMMAND_MODULES: tuple[str, ...] = (
+    "workers.cli.core",
+    "schedules.cli",
+    "workers.demo",
+    "tasks.drift.cli",
+)
 
 
 class FleetGroup(click.Group):

@@ -63,5 +63,14 @@ def emit_json(value: Any) -> None:
     sys.stdout.flush()
 
 
+def console() -> Any:
+    """A rich console; wide when writing to a file or pipe, where nothing wraps for us."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=200)
+
+
 def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")(func)

@@ -197,3 +197,36 @@ class TaskRun(Base):
         Index("ix_task_runs_task_id", "task_id"),
         Index("ix_task_runs_started", "started_at"),
     )
+
+
+class DriftFindingRow(Base):
+    """A drift finding with its lifecycle: open while seen, resolved when gone, reopened
+    when it comes back. ``fingerprint`` is stable across runs (what and where, never the
+    values); ``scope`` says which runs own it (``env:<name>``, ``cross``, ``rules``)."""
+
+    __tablename__ = "drift_findings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    environment: Mapped[str] = mapped_column(String(64))
+    environments: Mapped[list[str]] = mapped_column(JSONDocument)
+    key: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    severity: Mapped[str] = mapped_column(String(16))
+    expected: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    before: Mapped[str | None] = mapped_column(Text)
+    after: Mapped[str | None] = mapped_column(Text)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    times_opened: Mapped[int] = mapped_column(Integer, default=1)
+
+    __table_args__ = (
+        Index("ix_drift_findings_open", "resolved_at", "scope"),
+        Index("ix_drift_findings_environment", "environment", "resolved_at"),
+    )

@@ -1,0 +1,265 @@
+"""``drift.detect``: where live configuration differs from declared, and environments
+from each other.
+
+The shell around :func:`tasks.drift.diff.detect`: read the desired files, the live rows and
+the rules; compare; store the findings with their lifecycle; count and log what changed.
+One run per environment at a time (Redis locks); a run over every environment also owns
+the comparisons between environments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from tasks.drift.diff import DriftInput, detect
+from tasks.drift.model import CROSS, Finding
+from tasks.drift.rules import Rules, RulesError, load_rules
+from tasks.drift.sources import (
+    Flat,
+    SourceProblem,
+    desired_files,
+    parse_desired,
+    read_live,
+)
+from tasks.drift.store import Reconciled, open_counts, reconcile
+from workers.db.models import Configuration
+from workers.jobs import PermanentError, RetryPolicy, job, skipped
+from workers.locks import job_locks
+from workers.logs import get_logger
+from workers.runtime import Runtime, runtime
+
+log = get_logger("fleet.drift")
+
+# The configuration layer that desired files describe: environment-wide, no tenant.
+LIVE_SCOPE = "environment"
+# Parsed desired files, by content hash (see desired_flat).
+DESIRED_CACHE_PREFIX = "fleet:drift:desired:"
+DESIRED_CACHE_SECONDS = 86400
+# New findings and resolutions logged one by one, per run; the rest are summarized.
+MAX_EVENT_LINES = 100
+TIME_LIMIT = 300
+
+
+def live_rows(rt: Runtime, environments: list[str] | None) -> list[tuple[Any, ...]]:
+    """Active environment-wide rows, as tuples in :class:`LiveRow` order."""
+    query = select(
+        Configuration.id,
+        Configuration.environment,
+        Configuration.key,
+        Configuration.value,
+        Configuration.sensitive,
+        Configuration.encrypted,
+        Configuration.meta,
+    ).where(
+        Configuration.active.is_(True),
+        Configuration.tenant_id.is_(None),
+        Configuration.scope == LIVE_SCOPE,
+    )
+    if environments is not None:
+        query = query.where(Configuration.environment.in_(environments))
+    with rt.engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
+
+
+def _known_environments(rt: Runtime) -> list[str]:
+    with rt.engine.connect() as connection:
+        query = (
+            select(Configuration.environment)
+            .where(Configuration.active.is_(True), Configuration.scope == LIVE_SCOPE)
+            .distinct()
+        )
+        live = {row[0] for row in connection.execute(query)}
+    return sorted(live | set(desired_files(rt.settings.configuration_dir)))
+
+
+def _rules(rt: Runtime, problems: list[SourceProblem]) -> Rules:
+    try:
+        return load_rules(rt.settings.configuration_dir)
+    except RulesError as exc:
+        log.error("drift_rules_unusable", where=exc.where, reason=exc.reason)
+        problems.append(SourceProblem("", exc.where, exc.reason))
+        return Rules()
+
+
+def desired_flat(
+    rt: Runtime, path: Path, environment: str
+) -> tuple[Flat | None, SourceProblem | None]:
+    """A desired file, flattened; parsed once per content for the whole fleet.
+
+    Parsing YAML is the slow part of a run (seconds for 100,000 keys); the flattened form
+    is kept in Redis under the file's SHA-256 for a day, so an unchanged file costs one
+    read. Files that do not parse are not kept: their problem is reported every run.
+    """
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        return None, SourceProblem(environment, str(path), f"cannot read: {exc.strerror or exc}")
+    key = DESIRED_CACHE_PREFIX + hashlib.sha256(content).hexdigest()
+    cached = rt.redis.get(key)
+    if cached is not None:
+        return orjson.loads(cached), None
+    flat, problem = parse_desired(content.decode("utf-8", errors="replace"), str(path), environment)
+    if flat is not None:
+        rt.redis.set(key, orjson.dumps(flat), ex=DESIRED_CACHE_SECONDS)
+    return flat, problem
+
+
+def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
+    problems: list[SourceProblem] = []
+    rules = _rules(rt, problems)
+    files = desired_files(rt.settings.configuration_dir)
+    desired: dict[str, Flat] = {}
+    for environment in environments:
+        path = files.get(environment)
+        if path is None:
+            continue  # live only: every key shows as unexpected_in_live
+        flat, problem = desired_flat(rt, path, environment)
+        if flat is None:
+            assert problem is not None
+            log.error(
+                "drift_source_unusable",
+                environment=environment,
+                where=problem.where,
+                reason=problem.reason,
+            )
+            problems.append(problem)
+        else:
+            desired[environment] = flat
+    live = read_live(live_rows(rt, environments))
+    for problem in live.problems:
+        log.error(
+            "drift_live_value_unusable",
+            environment=problem.environment,
+            key=problem.key,
+            where=problem.where,
+            reason=problem.reason,
+        )
+    problems.extend(live.problems)
+    return DriftInput(
+        desired=desired,
+        live=live,
+        rules=rules,
+        environments=environments,
+        cross=cross,
+        problems=problems,
+    )
+
+
+@job(
+    "drift.detect",
+    queue="drift",
+    soft_time_limit=TIME_LIMIT - 30,
+    time_limit=TIME_LIMIT,
+    retry=RetryPolicy(max_retries=3, backoff_base=5, backoff_cap=60),
+)
+def detect_drift(*, environment: str | None = None, max_findings: int = 500) -> dict[str, Any]:
+    """Compare desired and live configuration, and environments with each other."""
+    rt = runtime()
+    known = _known_environments(rt)
+    if environment is not None and environment not in known:
+        listed = ", ".join(known) or "none"
+        raise PermanentError(f"drift.detect: unknown environment {environment!r} (known: {listed})")
+    environments = [environment] if environment else known
+    cross = environment is None
+    locks = [f"drift:{env}" for env in environments] + (["drift:cross"] if cross else [])
+    with job_locks(rt.redis, locks, ttl=TIME_LIMIT + 60) as busy:
+        if busy is not None:
+            log.info("drift_run_skipped", held=busy)
+            return skipped(f"another drift run holds the {busy} lock", environment=environment)
+        return _run(rt, environments, cross, max_findings)
+
+
+def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    data = gather(rt, environments, cross)
+    found = detect(data, now)
+    scopes = None if cross else {f"env:{env}" for env in environments}
+    with rt.sessions.begin() as session:
+        outcome = reconcile(session, found, scopes, now)
+        labels = environments + ([CROSS, "all"] if cross else [])
+        counts = open_counts(session, labels)
+    _record(outcome, counts, environments, now)
+    return summary(found, outcome, environments, max_findings)
+
+
+def _record(
+    outcome: Reconciled,
+    counts: dict[tuple[str, str, str], int],
+    environments: list[str],
+    now: datetime,
+) -> None:
+    from monitoring import metrics
+
+    for labels, count in counts.items():
+        metrics.DRIFT_FINDINGS.labels(*labels).set(count)
+    for environment in environments:
+        metrics.DRIFT_LAST_RUN.labels(environment).set(now.timestamp())
+    for finding in outcome.opened:
+        metrics.DRIFT_OPENED.labels(finding.environment, finding.kind, finding.severity).inc()
+    for row in outcome.resolved:
+        metrics.DRIFT_RESOLVED.labels(row.environment, row.kind, row.severity).inc()
+    for finding in outcome.opened[:MAX_EVENT_LINES]:
+        log.warning(
+            "drift_finding_opened",
+            kind=finding.kind,
+            environment=finding.environment,
+            key=finding.key,
+            severity=finding.severity,
+            expected=finding.expected,
+            before=finding.before,
+            after=finding.after,
+            message=finding.message,
+        )
+    for row in outcome.resolved[:MAX_EVENT_LINES]:
+        log.info(
+            "drift_finding_resolved",
+            kind=row.kind,
+            environment=row.environment,
+            key=row.key,
+            severity=row.severity,
+        )
+    unlogged = max(0, len(outcome.opened) - MAX_EVENT_LINES) + max(
+        0, len(outcome.resolved) - MAX_EVENT_LINES
+    )
+    log.info(
+        "drift_run_finished",
+        environments=environments,
+        opened=len(outcome.opened),
+        resolved=len(outcome.resolved),
+        still_open=outcome.still_open,
+        events_not_logged=unlogged,
+    )
+
+
+def summary(
+    found: list[Finding], outcome: Reconciled, environments: list[str], max_findings: int
+) -> dict[str, Any]:
+    by_kind = Counter(f.kind for f in found)
+    by_severity = Counter(f.severity for f in found)
+    return {
+        "environments": environments,
+        "findings_total": len(found),
+        "by_kind": dict(sorted(by_kind.items())),
+        "by_severity": dict(sorted(by_severity.items())),
+        "new": len(outcome.opened),
+        "resolved": len(outcome.resolved),
+        "new_findings": [f.fingerprint for f in outcome.opened[:max_findings]],
+        "resolved_findings": [
+            {
+                "fingerprint": r.fingerprint,
+                "kind": r.kind,
+                "environment": r.environment,
+                "key": r.key,
+            }
+            for r in outcome.resolved[:max_findings]
+        ],
+        "findings": [f.as_dict() for f in found[:max_findings]],
+        "findings_not_shown": max(0, len(found) - max_findings),
+    }

@@ -1,0 +1,137 @@
+"""The drift act of ``fleet demo``: live configuration seeded from the sample desired files
+with deliberate drift; findings appear; one difference is fixed and its finding resolves."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tasks.drift.sources import desired_files, read_desired
+from workers.configstore import delete_configuration, set_configuration
+from workers.db.models import DriftFindingRow
+from workers.runtime import Runtime
+
+USER = "fleet-demo"
+_REMOVE = object()
+
+# (environment, key, live value): what the demo breaks on purpose.
+DELIBERATE_DRIFT: list[tuple[str, str, Any]] = [
+    ("production", "services.chat_service.replicas", 4),
+    ("production", "database.postgresql.pool_size", _REMOVE),
+    ("production", "feature.debug_toolbar", True),
+    ("staging", "security.csrf_protection", "false"),
+    ("staging", "external_apis.openai.api_key", "sk-demo-not-a-real-key"),
+]
+# The difference the demo repairs mid-way, to show a finding resolve.
+FIXED = ("production", "services.chat_service.replicas")
+
+
+def seed_live(session: Session, config_dir: Any, now: datetime, *, drift: bool = True) -> int:
+    """Write every declared key as the live configuration, then the deliberate drift."""
+    written = 0
+    for environment, path in desired_files(config_dir).items():
+        flat, _problem = read_desired(path, environment)
+        for key, value in (flat or {}).items():
+            set_configuration(
+                session, key=key, value=value, environment=environment, user_id=USER, now=now
+            )
+            written += 1
+    for environment, key, value in DELIBERATE_DRIFT if drift else []:
+        if value is _REMOVE:
+            delete_configuration(session, key=key, environment=environment, user_id=USER, now=now)
+        else:
+            set_configuration(
+                session,
+                key=key,
+                value=value,
+                environment=environment,
+                user_id=USER,
+                now=now,
+                sensitive=key.endswith("api_key"),
+            )
+    return written
+
+
+class DriftAct:
+    name = "drift"
+    expected_successes: ClassVar[dict[str, int]] = {"drift.detect": 2}
+
+    def __init__(self) -> None:
+        self.fixed_at: datetime | None = None
+
+    def prepare(self, rt: Runtime, now: datetime) -> str:
+        with rt.sessions.begin() as session:
+            written = seed_live(session, rt.settings.configuration_dir, now)
+        return (
+            f"drift: seeded {written} live keys with {len(DELIBERATE_DRIFT)} deliberate differences"
+        )
+
+    def tick(self, rt: Runtime, now: datetime) -> str | None:
+        if self.fixed_at is not None or not self._open(rt, *FIXED):
+            return None
+        environment, key = FIXED
+        desired, _ = read_desired(
+            desired_files(rt.settings.configuration_dir)[environment], environment
+        )
+        with rt.sessions.begin() as session:
+            set_configuration(
+                session,
+                key=key,
+                value=(desired or {})[key],
+                environment=environment,
+                user_id=USER,
+                now=now,
+            )
+        self.fixed_at = now
+        return f"drift: fixed {environment} {key} in the live configuration"
+
+    def status(self, rt: Runtime) -> str:
+        with rt.sessions() as session:
+            rows = session.execute(
+                select(
+                    DriftFindingRow.severity, DriftFindingRow.resolved_at.is_(None), func.count()
+                ).group_by(DriftFindingRow.severity, DriftFindingRow.resolved_at.is_(None))
+            ).all()
+        open_by = {sev: n for sev, is_open, n in rows if is_open}
+        resolved = sum(n for _, is_open, n in rows if not is_open)
+        shown = ", ".join(f"{n} {sev}" for sev, n in sorted(open_by.items())) or "none"
+        return f"drift findings open: {shown}; resolved: {resolved}"
+
+    def problems(self, rt: Runtime) -> list[str]:
+        if not self._any_open(rt):
+            return ["drift: no finding was opened"]
+        if self.fixed_at is None:
+            return ["drift: the demo's fix was never made (no finding to fix)"]
+        if self._open(rt, *FIXED):
+            return [f"drift: the fixed {FIXED[0]} {FIXED[1]} finding is still open"]
+        return []
+
+    def _open(self, rt: Runtime, environment: str, key: str) -> bool:
+        with rt.sessions() as session:
+            query = (
+                select(func.count())
+                .select_from(DriftFindingRow)
+                .where(
+                    DriftFindingRow.environment == environment,
+                    DriftFindingRow.key == key,
+                    DriftFindingRow.kind == "value_changed",
+                    DriftFindingRow.resolved_at.is_(None),
+                )
+            )
+            return bool(session.scalar(query))
+
+    def _any_open(self, rt: Runtime) -> bool:
+        with rt.sessions() as session:
+            query = (
+                select(func.count())
+                .select_from(DriftFindingRow)
+                .where(DriftFindingRow.resolved_at.is_(None))
+            )
+            return bool(session.scalar(query))
+
+
+def act() -> DriftAct:
+    return DriftAct()

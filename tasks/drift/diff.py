@@ -1,0 +1,270 @@
+"""The pure core of drift detection: flat configurations in, typed and ranked findings out.
+
+No I/O and no clock of its own: ``now`` decides which declared rules have expired. Built
+for size (three environments of 100,000 keys compare in well under a second): set
+arithmetic finds what is missing on either side, and values are compared only for keys
+both sides have, in clear, with types respected (``true`` is not ``1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import compress
+from operator import is_not, methodcaller, ne
+from typing import Any
+
+import orjson
+
+from tasks.drift.model import CROSS, Finding, show
+from tasks.drift.rules import Rules
+from tasks.drift.schema import cross_field_problems, schema_problems
+from tasks.drift.sources import Flat, LiveState, SourceProblem, unflatten
+from workers.configstore import platform_checksum as checksum
+
+_JSON_TYPES: dict[type, str] = {
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+    list: "array",
+    dict: "object",
+}
+_CROSS_KINDS = ("missing_in_environment", "type_mismatch")
+_SCHEMA_SECTIONS = ("database.", "services.", "external_apis.", "security.")
+
+
+def json_type(value: Any) -> str:
+    found = _JSON_TYPES.get(type(value))
+    if found is not None:
+        return found
+    return "object" if isinstance(value, Mapping) else "string"
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality: numbers compare by value (1 == 1.0), but no type crosses another
+    (``True`` is not ``1``, ``"1"`` is not ``1``), however deeply nested."""
+    return a == b and _types_agree(a, b)
+
+
+def _types_agree(a: Any, b: Any) -> bool:
+    kind = type(a)
+    if kind is type(b):
+        if kind is list:
+            return all(map(_types_agree, a, b))
+        if kind is dict:
+            return all(_types_agree(value, b[key]) for key, value in a.items())
+        return True
+    return json_type(a) == json_type(b) not in ("array", "object")
+
+
+@dataclass
+class DriftInput:
+    """Everything one run compares. ``desired`` holds the environments whose file could
+    be read; ``problems`` the sources that could not (files, rows, the rules)."""
+
+    desired: dict[str, Flat]
+    live: LiveState
+    rules: Rules
+    environments: list[str]
+    cross: bool = True
+    problems: list[SourceProblem] = field(default_factory=list)
+
+
+class _Builder:
+    """Turns raw differences into findings with their severity, rule and masking."""
+
+    def __init__(self, rules: Rules, now: datetime) -> None:
+        self.rules = rules
+        self.now = now
+        self.findings: list[Finding] = []
+
+    def add(
+        self,
+        kind: str,
+        environment: str,
+        key: str,
+        message: str,
+        *,
+        environments: tuple[str, ...] | None = None,
+        scope: str | None = None,
+        before: str | None = None,
+        after: str | None = None,
+        source: str = "desired",
+    ) -> None:
+        involved = environments or (environment,)
+        # Comparisons between environments warn; everything about one critical
+        # environment (its desired vs live, its schema, its unreadable sources) is critical.
+        critical = kind not in _CROSS_KINDS and environment in self.rules.critical_environments
+        severity = "critical" if critical else "warning"
+        severity = self.rules.override(kind, key, involved) or severity
+        rule = self.rules.expectation(kind, key, involved, self.now)
+        self.findings.append(
+            Finding(
+                kind=kind,
+                environment=environment,
+                environments=involved,
+                key=key,
+                severity="info" if rule is not None else severity,
+                message=message,
+                scope=scope or f"env:{environment}",
+                before=before,
+                after=after,
+                source=source,
+                expected=rule is not None,
+                reason=rule.reason if rule is not None else None,
+            )
+        )
+
+
+def detect(data: DriftInput, now: datetime) -> list[Finding]:
+    """Every finding for the environments in ``data``, sorted for reading."""
+    out = _Builder(data.rules, now)
+    for problem in data.problems:
+        _source_problem(out, problem)
+    for environment in data.environments:
+        desired = data.desired.get(environment)
+        live = data.live.values.get(environment, {})
+        if desired is not None:
+            _desired_vs_live(out, environment, desired, live, data.live)
+            _schema(out, environment, desired, "desired")
+        if live:
+            _schema(out, environment, live, "live")
+    if data.cross:
+        readable = {env: flat for env, flat in data.desired.items() if env in data.environments}
+        _cross_environment(out, readable)
+    order = {"critical": 0, "warning": 1, "info": 2}
+    return sorted(out.findings, key=lambda f: (order[f.severity], f.environment, f.kind, f.key))
+
+
+def _source_problem(out: _Builder, problem: SourceProblem) -> None:
+    scope = "rules" if problem.environment == "" else f"env:{problem.environment}"
+    out.add(
+        "invalid_source",
+        problem.environment or "all",
+        problem.key or problem.where,
+        f"{problem.where}: {problem.reason}",
+        scope=scope,
+        source="live" if problem.key else "desired",
+    )
+
+
+def _desired_vs_live(
+    out: _Builder, environment: str, desired: Flat, live: Flat, state: LiveState
+) -> None:
+    unreadable = state.unreadable.get(environment, set())
+    marked = state.sensitive.get(environment, set())
+    checksums = state.checksums.get(environment, {})
+    desired_keys, live_keys = desired.keys(), live.keys()
+
+    def hidden(key: str) -> bool:
+        return key in marked or out.rules.is_sensitive(key)
+
+    for key in desired_keys - live_keys - unreadable:
+        out.add(
+            "missing_in_live",
+            environment,
+            key,
+            "declared, not live",
+            before=show(desired[key], hidden(key)),
+            source="live",
+        )
+    for key in live_keys - desired_keys:
+        out.add(
+            "unexpected_in_live",
+            environment,
+            key,
+            "live, not declared",
+            after=show(live[key], hidden(key)),
+            source="live",
+        )
+    for key in changed_keys(desired, live, desired_keys & live_keys, checksums):
+        secret = hidden(key) or key in checksums
+        out.add(
+            "value_changed",
+            environment,
+            key,
+            "live value differs from declared",
+            before=show(desired[key], secret),
+            after=show(live[key], secret),
+            source="live",
+        )
+
+
+def changed_keys(
+    desired: Flat, live: Flat, common: set[str], checksums: Mapping[str, str]
+) -> list[str]:
+    """Keys of ``common`` whose live value is not the declared one.
+
+    One pass in C: values whose JSON text is identical are the same value with the same
+    types. Only the others (a few percent) are looked at one by one, where ``1`` and
+    ``1.0``, or the same mapping in another key order, still count as the same.
+    """
+    changed = [k for k in common.intersection(checksums) if checksum(desired[k]) != checksums[k]]
+    keys = list(common.difference(checksums)) if checksums else list(common)
+    dumps, wanted, actual = orjson.dumps, desired.__getitem__, live.__getitem__
+    differs = map(ne, map(dumps, map(wanted, keys)), map(dumps, map(actual, keys)))
+    changed.extend(k for k in compress(keys, differs) if not same(desired[k], live[k]))
+    return changed
+
+
+def _schema(out: _Builder, environment: str, flat: Flat, source: str) -> None:
+    in_sections = filter(methodcaller("startswith", _SCHEMA_SECTIONS), flat)  # a C loop
+    sections = {key: flat[key] for key in in_sections}
+    if not sections:
+        return
+    tree = unflatten(sections)
+    critical = environment in out.rules.critical_environments
+    problems = list(schema_problems(tree)) + list(cross_field_problems(tree, critical))
+    for key, message in problems:
+        out.add("schema_violation", environment, key, message, source=source)
+
+
+def _cross_environment(out: _Builder, desired: Mapping[str, Flat]) -> None:
+    names = sorted(desired)
+    if len(names) < 2:
+        return
+    key_sets = [desired[name].keys() for name in names]
+    everywhere = set(key_sets[0]).intersection(*key_sets[1:])
+    anywhere = set().union(*key_sets)
+    involved = tuple(names)
+    for key in anywhere - everywhere:
+        present = [name for name in names if key in desired[name]]
+        for name in names:
+            if key not in desired[name]:
+                out.add(
+                    "missing_in_environment",
+                    name,
+                    key,
+                    f"present in {', '.join(present)}, absent here",
+                    environments=involved,
+                    scope="cross",
+                )
+    _type_mismatches(out, desired, names, everywhere)
+
+
+def _type_mismatches(
+    out: _Builder, desired: Mapping[str, Flat], names: list[str], keys: Iterable[str]
+) -> None:
+    flats = [desired[name] for name in names]
+    ordered = list(keys)
+    # Python types per environment, compared in C; only keys whose types differ are
+    # looked at (an int beside a float is still one JSON type).
+    types = [list(map(type, map(flat.__getitem__, ordered))) for flat in flats]
+    differs = map(any, zip(*(map(is_not, types[0], other) for other in types[1:]), strict=True))
+    for index in compress(range(len(ordered)), differs):
+        key = ordered[index]
+        kinds = {name: json_type(flat[key]) for name, flat in zip(names, flats, strict=True)}
+        if len(set(kinds.values())) == 1:
+            continue
+        shown = ", ".join(f"{name}={kind_name}" for name, kind_name in kinds.items())
+        out.add(
+            "type_mismatch",
+            CROSS,
+            key,
+            f"JSON types differ: {shown}",
+            environments=tuple(names),
+            scope="cross",
+        )

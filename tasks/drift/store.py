@@ -1,0 +1,188 @@
+"""Findings in the database, with their lifecycle.
+
+A run reconciles what it found with what is stored, within the scopes it covers:
+a finding seen again is updated (last seen, current values); a new one is opened; one that
+was resolved and is back is reopened; an open one not seen any more is resolved.
+Everything happens in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from tasks.drift.model import KINDS, SEVERITIES, Finding
+from workers.db.models import DriftFindingRow
+
+_CHUNK = 500
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class Reconciled:
+    opened: list[Finding] = field(default_factory=list)  # new, or back after resolution
+    resolved: list[DriftFindingRow] = field(default_factory=list)
+    still_open: int = 0
+
+
+def _values(finding: Finding) -> dict[str, Any]:
+    return {
+        "severity": finding.severity,
+        "expected": finding.expected,
+        "reason": finding.reason,
+        "message": finding.message,
+        "before": finding.before,
+        "after": finding.after,
+        "environment": finding.environment,
+    }
+
+
+def reconcile(
+    session: Session, findings: Iterable[Finding], scopes: set[str] | None, now: datetime
+) -> Reconciled:
+    """Store this run's ``findings``. ``scopes``: what the run covered (None: everything),
+    so that a run for one environment never resolves another's findings."""
+    found = {f.fingerprint: f for f in findings}
+    open_query = select(DriftFindingRow).where(DriftFindingRow.resolved_at.is_(None))
+    if scopes is not None:
+        open_query = open_query.where(DriftFindingRow.scope.in_(sorted(scopes)))
+    open_rows = {row.fingerprint: row for row in session.scalars(open_query)}
+    result = Reconciled()
+
+    seen_open = [fp for fp in found if fp in open_rows]
+    for fingerprint in seen_open:
+        row, finding = open_rows[fingerprint], found[fingerprint]
+        changes = {k: v for k, v in _values(finding).items() if getattr(row, k) != v}
+        for name, value in changes.items():
+            setattr(row, name, value)
+    for chunk in _chunks(seen_open):
+        session.execute(
+            update(DriftFindingRow)
+            .where(DriftFindingRow.fingerprint.in_(chunk))
+            .values(last_seen=now)
+            .execution_options(synchronize_session=False)
+        )
+    result.still_open = len(seen_open)
+
+    unseen = [fp for fp in found if fp not in open_rows]
+    _open_or_reopen(session, [found[fp] for fp in unseen], now, result)
+
+    for fingerprint, row in open_rows.items():
+        if fingerprint not in found:
+            row.resolved_at = now
+            result.resolved.append(row)
+    session.flush()
+    return result
+
+
+def _open_or_reopen(
+    session: Session, findings: list[Finding], now: datetime, result: Reconciled
+) -> None:
+    if not findings:
+        return
+    by_fingerprint = {f.fingerprint: f for f in findings}
+    resolved: dict[str, DriftFindingRow] = {}
+    for chunk in _chunks(list(by_fingerprint)):
+        query = select(DriftFindingRow).where(DriftFindingRow.fingerprint.in_(chunk))
+        resolved.update({row.fingerprint: row for row in session.scalars(query)})
+    new_rows = []
+    for fingerprint, finding in by_fingerprint.items():
+        row = resolved.get(fingerprint)
+        if row is not None:
+            for name, value in _values(finding).items():
+                setattr(row, name, value)
+            row.resolved_at = None
+            row.opened_at = row.last_seen = now
+            row.times_opened += 1
+        else:
+            new_rows.append(
+                {
+                    **_values(finding),
+                    "fingerprint": fingerprint,
+                    "scope": finding.scope,
+                    "kind": finding.kind,
+                    "environments": list(finding.environments),
+                    "key": finding.key,
+                    "source": finding.source,
+                    "first_seen": now,
+                    "last_seen": now,
+                    "opened_at": now,
+                    "times_opened": 1,
+                }
+            )
+        result.opened.append(finding)
+    for batch in _chunks(new_rows):
+        session.execute(insert(DriftFindingRow), list(batch))
+
+
+def open_counts(session: Session, environments: Iterable[str]) -> dict[tuple[str, str, str], int]:
+    """Open findings per (environment, kind, severity) for ``environments``, with every
+    combination present (zeros too), so that a gauge falls to 0 when findings go."""
+    names = sorted(set(environments))
+    counts = {(env, kind, sev): 0 for env in names for kind in KINDS for sev in SEVERITIES}
+    query = (
+        select(
+            DriftFindingRow.environment,
+            DriftFindingRow.kind,
+            DriftFindingRow.severity,
+            func.count(),
+        )
+        .where(DriftFindingRow.resolved_at.is_(None), DriftFindingRow.environment.in_(names))
+        .group_by(DriftFindingRow.environment, DriftFindingRow.kind, DriftFindingRow.severity)
+    )
+    for environment, kind, severity, count in session.execute(query):
+        counts[(environment, kind, severity)] = int(count)
+    return counts
+
+
+def findings(
+    session: Session, *, environment: str | None = None, include_resolved: bool = False
+) -> list[DriftFindingRow]:
+    query = select(DriftFindingRow)
+    if not include_resolved:
+        query = query.where(DriftFindingRow.resolved_at.is_(None))
+    if environment is not None:
+        query = query.where(DriftFindingRow.environment == environment)
+    order = {"critical": 0, "warning": 1, "info": 2}
+    rows = list(session.scalars(query))
+    rows.sort(
+        key=lambda r: (
+            r.resolved_at is not None,
+            order.get(r.severity, 3),
+            r.environment,
+            r.kind,
+            r.key,
+        )
+    )
+    return rows
+
+
+def row_dict(row: DriftFindingRow) -> dict[str, Any]:
+    return {
+        "fingerprint": row.fingerprint,
+        "kind": row.kind,
+        "environment": row.environment,
+        "environments": row.environments,
+        "key": row.key,
+        "severity": row.severity,
+        "expected": row.expected,
+        "reason": row.reason,
+        "source": row.source,
+        "before": row.before,
+        "after": row.after,
+        "message": row.message,
+        "first_seen": row.first_seen.isoformat(),
+        "last_seen": row.last_seen.isoformat(),
+        "resolved_at": row.resolved_at.isoformat() if row.resolved_at else None,
+        "times_opened": row.times_opened,
+    }

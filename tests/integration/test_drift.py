@@ -1,0 +1,393 @@
+"""drift.detect against real databases: the lifecycle, locks, bad inputs, metrics, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from celery import Celery
+from prometheus_client import REGISTRY
+from sqlalchemy import select, update
+
+from tests.helpers import run_fleet
+from workers.celery_app import create_app
+from workers.configstore import delete_configuration, set_configuration
+from workers.db.models import Configuration, DriftFindingRow, TaskRun
+from workers.locks import job_locks
+from workers.logs import configure_logging
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+PRODUCTION = """
+services:
+  chat_service:
+    replicas: 10
+    autoscaling: {enabled: true, min_replicas: 10, max_replicas: 100}
+security:
+  cors_origins: ["https://app.example.com"]
+  csrf_protection: true
+monitoring:
+  sample_rate: 0.1
+"""
+STAGING = """
+services:
+  chat_service:
+    replicas: 3
+security:
+  cors_origins: ["https://staging.example.com"]
+  csrf_protection: true
+monitoring:
+  sample_rate: 0.5
+  retention_days: 14
+"""
+RULES = """
+expected:
+  - key: "monitoring.retention_days"
+    kinds: [missing_in_environment]
+    reason: production keeps the default
+  - key: "services.*.autoscaling.*"
+    environments: [staging]
+    kinds: [missing_in_environment]
+    reason: staging runs fixed replicas
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "config"
+    (directory / "environments").mkdir(parents=True)
+    (directory / "environments" / "production.yaml").write_text(PRODUCTION)
+    (directory / "environments" / "staging.yaml").write_text(STAGING)
+    (directory / "drift-rules.yaml").write_text(RULES)
+    return directory
+
+
+@pytest.fixture
+def app(db_url: str, redis_url: str, tmp_path: Path, config_dir: Path) -> Iterator[Celery]:
+    settings = FleetSettings(
+        home=tmp_path, database_url=db_url, redis_url=redis_url, config_dir=config_dir
+    )
+    rt = install(Runtime(settings))
+    application = create_app(rt)
+    yield application
+    application.close()
+    rt.close()
+
+
+def rt_of(app: Celery) -> Runtime:
+    runtime: Runtime = app.fleet_runtime
+    return runtime
+
+
+def seed(app: Celery, environment: str, values: dict[str, Any]) -> None:
+    with rt_of(app).sessions.begin() as session:
+        for key, value in values.items():
+            set_configuration(
+                session,
+                key=key,
+                value=value,
+                environment=environment,
+                user_id="test",
+                now=datetime.now(UTC),
+            )
+
+
+def seed_as_declared(app: Celery) -> None:
+    seed(
+        app,
+        "production",
+        {
+            "services.chat_service.replicas": 10,
+            "services.chat_service.autoscaling.enabled": True,
+            "services.chat_service.autoscaling.min_replicas": 10,
+            "services.chat_service.autoscaling.max_replicas": 100,
+            "security.cors_origins": ["https://app.example.com"],
+            "security.csrf_protection": True,
+            "monitoring.sample_rate": 0.1,
+        },
+    )
+    seed(
+        app,
+        "staging",
+        {
+            "services.chat_service.replicas": 3,
+            "security.cors_origins": ["https://staging.example.com"],
+            "security.csrf_protection": True,
+            "monitoring.sample_rate": 0.5,
+            "monitoring.retention_days": 14,
+        },
+    )
+
+
+def detect(app: Celery, **kwargs: Any) -> dict[str, Any]:
+    result = app.tasks["drift.detect"].apply(kwargs=kwargs)
+    assert result.successful(), result.result
+    value: dict[str, Any] = result.result
+    return value
+
+
+def stored(app: Celery) -> dict[tuple[str, str, str], DriftFindingRow]:
+    with rt_of(app).sessions() as session:
+        rows = session.scalars(select(DriftFindingRow)).all()
+    return {(r.kind, r.environment, r.key): r for r in rows}
+
+
+def test_a_clean_fleet_has_only_its_expected_differences(app: Celery) -> None:
+    seed_as_declared(app)
+    summary = detect(app)
+    assert summary["new"] == 4
+    assert {(f["environment"], f["key"]) for f in summary["findings"]} == {
+        ("production", "monitoring.retention_days"),
+        ("staging", "services.chat_service.autoscaling.enabled"),
+        ("staging", "services.chat_service.autoscaling.min_replicas"),
+        ("staging", "services.chat_service.autoscaling.max_replicas"),
+    }
+    assert all(f["kind"] == "missing_in_environment" for f in summary["findings"])
+    assert all((f["severity"], f["expected"]) == ("info", True) for f in summary["findings"])
+    assert summary["findings"][0]["reason"] in (
+        "production keeps the default",
+        "staging runs fixed replicas",
+    )
+
+
+def test_lifecycle_open_update_resolve_reopen(app: Celery) -> None:
+    seed_as_declared(app)
+    detect(app)
+    key = ("value_changed", "production", "security.csrf_protection")
+
+    seed(app, "production", {"security.csrf_protection": False})
+    first = detect(app)
+    assert first["new"] == 2  # the value, and the live schema check (CSRF off in production)
+    row = stored(app)[key]
+    assert (row.severity, row.before, row.after, row.resolved_at) == (
+        "critical",
+        "true",
+        "false",
+        None,
+    )
+    opened_at = row.first_seen
+
+    again = detect(app)
+    assert (again["new"], again["resolved"]) == (0, 0)
+    row = stored(app)[key]
+    assert row.first_seen == opened_at and row.last_seen > opened_at
+
+    seed(app, "production", {"security.csrf_protection": True})
+    fixed = detect(app)
+    assert fixed["resolved"] == 2
+    assert {(f["kind"], f["key"]) for f in fixed["resolved_findings"]} == {
+        ("value_changed", "security.csrf_protection"),
+        ("schema_violation", "security.csrf_protection"),
+    }
+    assert stored(app)[key].resolved_at is not None
+
+    seed(app, "production", {"security.csrf_protection": False})
+    back = detect(app)
+    assert back["new"] == 2
+    row = stored(app)[key]
+    assert row.resolved_at is None and row.times_opened == 2 and row.first_seen == opened_at
+
+
+def test_every_desired_live_kind_is_found_and_ranked(app: Celery) -> None:
+    seed_as_declared(app)
+    seed(app, "production", {"services.chat_service.replicas": 4, "feature.debug": True})
+    with rt_of(app).sessions.begin() as session:
+        delete_configuration(
+            session,
+            key="monitoring.sample_rate",
+            environment="production",
+            user_id="test",
+            now=datetime.now(UTC),
+        )
+    seed(app, "staging", {"services.chat_service.replicas": "3"})
+    detect(app)
+    found = stored(app)
+    assert (
+        found[("value_changed", "production", "services.chat_service.replicas")].severity
+        == "critical"
+    )
+    assert (
+        found[("schema_violation", "production", "services.chat_service.replicas")].source == "live"
+    )
+    assert found[("unexpected_in_live", "production", "feature.debug")].after == "true"
+    assert found[("missing_in_live", "production", "monitoring.sample_rate")].before == "0.1"
+    staging = found[("value_changed", "staging", "services.chat_service.replicas")]
+    assert (staging.severity, staging.before, staging.after) == ("warning", "3", '"3"')
+
+
+def test_a_run_for_one_environment_leaves_the_others_and_the_comparisons_alone(app: Celery) -> None:
+    seed_as_declared(app)
+    seed(app, "staging", {"services.chat_service.replicas": 1})
+    detect(app)
+    before = stored(app)
+    seed(app, "staging", {"services.chat_service.replicas": 3})
+    summary = detect(app, environment="production")
+    assert summary["environments"] == ["production"]
+    after = stored(app)
+    assert after[("value_changed", "staging", "services.chat_service.replicas")].resolved_at is None
+    cross = ("missing_in_environment", "production", "monitoring.retention_days")
+    assert after[cross].resolved_at is None and before[cross].resolved_at is None
+
+
+def test_a_second_concurrent_run_skips_and_says_so(app: Celery) -> None:
+    seed_as_declared(app)
+    with job_locks(rt_of(app).redis, ["drift:production"], ttl=60) as busy:
+        assert busy is None
+        result = detect(app)
+    assert result == {
+        "skipped": True,
+        "reason": "another drift run holds the drift:production lock",
+        "environment": None,
+    }
+    with rt_of(app).sessions() as session:
+        run = session.scalars(select(TaskRun).where(TaskRun.job == "drift.detect")).one()
+    assert run.outcome == "skipped"
+    assert stored(app) == {}
+
+
+def test_bad_inputs_give_findings_and_log_lines_and_the_run_goes_on(
+    app: Celery, config_dir: Path
+) -> None:
+    seed_as_declared(app)
+    (config_dir / "environments" / "staging.yaml").write_text("services: [1, 2\nx: 1\n")
+    (config_dir / "environments" / "qa.yaml").write_text("- not\n- a mapping\n")
+    (config_dir / "drift-rules.yaml").write_text("expected:\n  - key: a\n")
+    with rt_of(app).sessions.begin() as session:
+        session.execute(
+            update(Configuration)
+            .where(
+                Configuration.key == "services.chat_service.replicas",
+                Configuration.environment == "production",
+                Configuration.active.is_(True),
+            )
+            .values(value="{oops")
+        )
+    stream = io.StringIO()
+    configure_logging(level="INFO", log_format="json", stream=stream)
+    summary = detect(app)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    events = {line["event"] for line in lines}
+    assert {"drift_source_unusable", "drift_live_value_unusable", "drift_rules_unusable"} <= events
+    found = stored(app)
+    invalid = {(env, key) for kind, env, key in found if kind == "invalid_source"}
+    staging_file = str(config_dir / "environments" / "staging.yaml")
+    assert ("staging", f"{staging_file}:2") in invalid, invalid
+    assert ("qa", str(config_dir / "environments" / "qa.yaml") + ":1") in invalid
+    assert ("production", "services.chat_service.replicas") in invalid
+    assert ("all", str(config_dir / "drift-rules.yaml")) in invalid
+    # The rest still ran: production's other keys are compared, without the bad value.
+    assert ("missing_in_live", "production", "services.chat_service.replicas") not in found
+    assert summary["by_kind"]["invalid_source"] == 4
+    # The broken rules file declares nothing: no finding is taken as expected.
+    assert not any(row.expected for row in found.values())
+
+
+def test_metrics_follow_the_findings(app: Celery) -> None:
+    seed_as_declared(app)
+    seed(app, "production", {"security.csrf_protection": False})
+    detect(app)
+
+    def gauge(env: str, kind: str, severity: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "fleet_drift_findings", {"environment": env, "kind": kind, "severity": severity}
+        )
+
+    assert gauge("production", "value_changed", "critical") == 1
+    assert gauge("production", "schema_violation", "critical") == 1
+    assert gauge("production", "missing_in_environment", "info") == 1
+    last = REGISTRY.get_sample_value(
+        "fleet_drift_last_run_timestamp_seconds", {"environment": "production"}
+    )
+    assert last is not None and abs(last - datetime.now(UTC).timestamp()) < 60
+
+    seed(app, "production", {"security.csrf_protection": True})
+    resolved_before = (
+        REGISTRY.get_sample_value(
+            "fleet_drift_findings_resolved_total",
+            {"environment": "production", "kind": "value_changed", "severity": "critical"},
+        )
+        or 0
+    )
+    detect(app)
+    assert gauge("production", "value_changed", "critical") == 0
+    assert (
+        REGISTRY.get_sample_value(
+            "fleet_drift_findings_resolved_total",
+            {"environment": "production", "kind": "value_changed", "severity": "critical"},
+        )
+        == resolved_before + 1
+    )
+
+
+def test_fleet_run_and_drift_report(fleet_env: dict[str, str], config_dir: Path) -> None:
+    fleet_env["FLEET_CONFIG_DIR"] = str(config_dir)
+    done = run_fleet("run", "drift.detect", "--arg", "environment=production", env=fleet_env)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["environments"] == ["production"]
+    assert summary["by_kind"] == {"missing_in_live": 7}
+    assert summary["by_severity"] == {"critical": 7}
+
+    report = run_fleet("drift", "report", "--json", "-e", "production", env=fleet_env)
+    assert report.returncode == 0, report.stderr
+    rows = json.loads(report.stdout)
+    assert len(rows) == 7 and all(r["kind"] == "missing_in_live" for r in rows)
+
+    table = run_fleet("drift", "report", env=fleet_env)
+    assert table.returncode == 0 and "services.chat_service.replicas" in table.stdout
+
+    unknown = run_fleet("run", "drift.detect", "--arg", "environment=qa", env=fleet_env)
+    assert unknown.returncode == 1
+    assert "unknown environment 'qa' (known: production, staging)" in unknown.stderr
+
+
+def test_secrets_in_live_configuration_never_reach_findings_or_logs(app: Celery) -> None:
+    seed_as_declared(app)
+    with rt_of(app).sessions.begin() as session:
+        set_configuration(
+            session,
+            key="external_apis.openai.api_key",
+            value="sk-live-98765",
+            environment="production",
+            user_id="t",
+            now=datetime.now(UTC),
+            sensitive=True,
+        )
+    stream = io.StringIO()
+    configure_logging(level="INFO", log_format="json", stream=stream)
+    summary = detect(app)
+    assert "sk-live-98765" not in json.dumps(summary) + stream.getvalue()
+    row = stored(app)[("unexpected_in_live", "production", "external_apis.openai.api_key")]
+    assert row.after == "***"
+
+
+@pytest.fixture(autouse=True)
+def _no_fleet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("FLEET_"):
+            monkeypatch.delenv(name)
+
+
+def test_desired_files_are_parsed_once_per_content(app: Celery, config_dir: Path) -> None:
+    seed_as_declared(app)
+    client = rt_of(app).redis
+    detect(app)
+    cached = set(client.scan_iter("fleet:drift:desired:*"))
+    assert len(cached) == 2  # production and staging
+    detect(app)
+    assert set(client.scan_iter("fleet:drift:desired:*")) == cached
+    staging = config_dir / "environments" / "staging.yaml"
+    staging.write_text(staging.read_text().replace("replicas: 3", "replicas: 2"))
+    summary = detect(app)
+    assert len(set(client.scan_iter("fleet:drift:desired:*"))) == 3  # the edit is a new entry
+    changed = [f for f in summary["findings"] if f["kind"] == "value_changed"]
+    assert [(f["environment"], f["key"], f["before"], f["after"]) for f in changed] == [
+        ("staging", "services.chat_service.replicas", "2", "3")
+    ]
