@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitoring.metrics import BUILD_INFO, QueueDepthCollector
+from monitoring.metrics import BUILD_INFO, BacklogCollector
 from monitoring.multiprocess import MULTIPROC_ENV
 from workers import __version__
 
@@ -53,7 +53,7 @@ class LiveMultiProcessCollector(MultiProcessCollector):
         return super().collect()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def build_registry(read_depths: Callable[[], dict[str, int]] | None = None) -> Any:
+def build_registry(read_backlog: Callable[[], Any] | None = None) -> Any:
     """The registry this process serves: multiprocess-aware when the directory is set."""
     registry = CollectorRegistry()
     directory = os.environ.get(MULTIPROC_ENV)
@@ -61,8 +61,8 @@ def build_registry(read_depths: Callable[[], dict[str, int]] | None = None) -> A
         LiveMultiProcessCollector(registry, directory)
     else:
         registry.register(REGISTRY)
-    if read_depths is not None:
-        registry.register(QueueDepthCollector(read_depths))
+    if read_backlog is not None:
+        registry.register(BacklogCollector(read_backlog))
     return registry
 
 

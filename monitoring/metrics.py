@@ -12,6 +12,7 @@ user id, a secret path of an unbounded set or a raw key.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -83,35 +84,83 @@ DRIFT_LAST_RUN = Gauge(
     multiprocess_mode="max",
 )
 
+# Impressions -------------------------------------------------------------------------
+
+IMPRESSIONS_PROCESSED = Counter(
+    "fleet_impressions_processed",
+    "Impressions counted into flag_impression_counts (each exactly once).",
+)
+IMPRESSIONS_DEAD_LETTERED = Counter(
+    "fleet_impressions_dead_lettered",
+    "Impressions moved to feature_flag_impressions:dead, by reason.",
+    ["reason"],
+)
+IMPRESSIONS_BATCH_SECONDS = Histogram(
+    "fleet_impressions_batch_seconds",
+    "Time to take, count, commit and clean up one batch of impressions.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+IMPRESSIONS_RECOVERED_BATCHES = Counter(
+    "fleet_impressions_recovered_batches",
+    "In-flight batches taken over from a worker presumed dead.",
+)
+IMPRESSIONS_FOLDED = Counter(
+    "fleet_impressions_folded_rows",
+    "Minute rows folded into hourly rows by the retention job.",
+)
+
+# Read from Redis at scrape time (BacklogCollector), so they show with no worker running.
 QUEUE_DEPTH_NAME = "fleet_queue_depth"
 QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."
 BROKER_UP_NAME = "fleet_broker_up"
-BROKER_UP_HELP = "1 when the broker (Redis) answered the last scrape's queue reads, else 0."
+BROKER_UP_HELP = "1 when the broker (Redis) answered the last scrape's reads, else 0."
+IMPRESSIONS_DEPTH_NAME = "fleet_impressions_queue_depth"
+IMPRESSIONS_DEPTH_HELP = "Impressions waiting in feature_flag_impressions."
+IMPRESSIONS_OLDEST_NAME = "fleet_impressions_oldest_age_seconds"
+IMPRESSIONS_OLDEST_HELP = "Age of the oldest waiting impression (0 when the list is empty)."
+IMPRESSIONS_DEAD_NAME = "fleet_impressions_dead_letters"
+IMPRESSIONS_DEAD_HELP = "Dead letters waiting in feature_flag_impressions:dead."
+SCRAPE_TIME_NAMES = (
+    QUEUE_DEPTH_NAME,
+    BROKER_UP_NAME,
+    IMPRESSIONS_DEPTH_NAME,
+    IMPRESSIONS_OLDEST_NAME,
+    IMPRESSIONS_DEAD_NAME,
+)
 
 
-class QueueDepthCollector(Collector):
-    """Reads queue lengths from the broker at scrape time, so the value is never stale.
+class BacklogCollector(Collector):
+    """Reads what waits in Redis at scrape time (``read`` returns a workers.backlog.Backlog
+    or raises when Redis is unreachable), so the values are never stale."""
 
-    ``read_depths`` returns ``{queue: depth}`` or raises when the broker is unreachable.
-    """
-
-    def __init__(self, read_depths: Callable[[], dict[str, int]]) -> None:
-        self._read_depths = read_depths
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, QUEUE_DEPTH_HELP, labels=["queue"])
         up = GaugeMetricFamily(BROKER_UP_NAME, BROKER_UP_HELP)
         try:
-            depths = self._read_depths()
+            backlog = self._read()
         except Exception:  # the broker being down is itself the measurement
             up.add_metric([], 0)
             yield up
             return
-        for queue, value in sorted(depths.items()):
-            depth.add_metric([queue], value)
         up.add_metric([], 1)
-        yield depth
         yield up
+        depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, QUEUE_DEPTH_HELP, labels=["queue"])
+        for queue, value in sorted(backlog.queues.items()):
+            depth.add_metric([queue], value)
+        yield depth
+        yield GaugeMetricFamily(
+            IMPRESSIONS_DEPTH_NAME, IMPRESSIONS_DEPTH_HELP, value=backlog.impressions
+        )
+        yield GaugeMetricFamily(
+            IMPRESSIONS_DEAD_NAME, IMPRESSIONS_DEAD_HELP, value=backlog.impressions_dead
+        )
+        yield GaugeMetricFamily(
+            IMPRESSIONS_OLDEST_NAME,
+            IMPRESSIONS_OLDEST_HELP,
+            value=backlog.oldest_impression_age or 0.0,
+        )
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
@@ -119,7 +168,7 @@ class QueueDepthCollector(Collector):
 
 def defined_metric_names() -> set[str]:
     """Every series name the fleet can expose (the monitoring tests check rules against it)."""
-    names: set[str] = {QUEUE_DEPTH_NAME, BROKER_UP_NAME}
+    names: set[str] = set(SCRAPE_TIME_NAMES)
     for value in globals().values():
         if isinstance(value, Counter | Gauge | Histogram):
             for family in value.describe():

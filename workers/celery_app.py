@@ -22,7 +22,7 @@ from workers.runtime import Runtime
 from workers.settings import SettingsError
 
 # Job families, found by module name so that this package never imports them directly.
-JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat", "tasks.drift")
+JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat", "tasks.drift", "tasks.impressions")
 
 
 def job_modules(rt: Runtime) -> tuple[str, ...]:
@@ -66,13 +66,15 @@ def route_by_job(name: str, *_args: Any, **_kwargs: Any) -> dict[str, str] | Non
 def check_time_limits(
     limits: JobTimeLimits, jobs: dict[str, JobSpec], visibility_timeout: int
 ) -> None:
-    for spec in jobs.values():
-        hard = limits.limits(spec)[1]
-        if hard >= visibility_timeout:
-            raise SettingsError(
-                f"FLEET_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard "
-                f"time limit ({spec.name}: {hard:g}s), or a slow run is given to a second worker"
-            )
+    if not jobs:
+        return
+    longest = max(jobs.values(), key=lambda spec: limits.limits(spec)[1])
+    hard = limits.limits(longest)[1]
+    if hard >= visibility_timeout:
+        raise SettingsError(
+            f"FLEET_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard "
+            f"time limit ({longest.name}: {hard:g}s), or a slow run is given to a second worker"
+        )
 
 
 def create_app(rt: Runtime) -> Celery:
@@ -125,13 +127,7 @@ def create_app(rt: Runtime) -> Celery:
 
 
 def queue_depths(rt: Runtime) -> dict[str, int]:
-    """Messages waiting per queue, all priority levels included (kombu's Redis layout)."""
-    separator, steps = "\x06\x16", (0, 3, 6, 9)
-    pipe = rt.redis.pipeline(transaction=False)
-    for queue in QUEUES:
-        for step in steps:
-            pipe.llen(queue if step == 0 else f"{queue}{separator}{step}")
-    lengths = pipe.execute()
-    return {
-        queue: sum(lengths[i * len(steps) : (i + 1) * len(steps)]) for i, queue in enumerate(QUEUES)
-    }
+    """Messages waiting per queue, all priority levels included."""
+    from workers.backlog import read_backlog
+
+    return read_backlog(rt.redis).queues

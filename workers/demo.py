@@ -48,7 +48,7 @@ _SERVICE_VARIABLES = (
     "FLEET_CONFIG_DIR",
 )
 # Each job family's part of the demo, found by module name (each has ``act()``).
-ACT_MODULES: tuple[str, ...] = ("tasks.drift.demo",)
+ACT_MODULES: tuple[str, ...] = ("tasks.drift.demo", "tasks.impressions.demo")
 # Jobs the demo must see succeed, and how many times, besides what the acts expect.
 EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}
 
@@ -58,9 +58,10 @@ class DemoAct(Protocol):
 
     name: str
     expected_successes: ClassVar[dict[str, int]]
+    metrics: ClassVar[tuple[str, ...]]  # prefixes of the worker metrics to show at the end
 
     def prepare(self, rt: Runtime, now: datetime) -> str: ...
-    def tick(self, rt: Runtime, now: datetime) -> str | None: ...
+    def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None: ...
     def status(self, rt: Runtime) -> str: ...
     def problems(self, rt: Runtime) -> list[str]: ...
 
@@ -242,14 +243,8 @@ def _run_demo(rt: Any, home: Path, duration: float, console: Console) -> None:
     )
     try:
         runs = _watch(rt, fleet, acts, duration, console)
-        counts = _scrape(
-            worker_port,
-            (
-                "fleet_task_runs_total",
-                "fleet_drift_findings_opened_total",
-                "fleet_drift_findings_resolved_total",
-            ),
-        )
+        shown = ("fleet_task_runs_total", *(m for act in acts for m in act.metrics))
+        counts = _scrape(worker_port, shown)
     finally:
         fleet.stop()
     console.print("worker metrics at the end:")
@@ -279,7 +274,7 @@ def _watch(
             with rt.sessions() as session:
                 runs = list(session.scalars(select(TaskRun).order_by(TaskRun.id)))
             for act in acts:
-                said = act.tick(rt, datetime.now(UTC))
+                said = act.tick(rt, datetime.now(UTC), duration - elapsed)
                 if said:
                     console.print(said)
             if live is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -25,6 +26,8 @@ _SECRET_FIELDS = frozenset({"database_url", "redis_url", "vault_token"})
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "sqlite")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_DURATION = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class SettingsError(FleetError):
@@ -86,6 +89,12 @@ class FleetSettings(BaseSettings):
     # More job families to load beside the fleet's own (module names).
     extra_job_modules: list[str] = Field(default_factory=list)
 
+    # Impressions.
+    impressions_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    impressions_future_skew: timedelta = timedelta(minutes=5)
+    impressions_inflight_timeout: timedelta = timedelta(minutes=2)
+    impressions_minute_retention: timedelta = timedelta(days=7)
+
     # Scheduler: how long a fire's claim is remembered, and how long a replica that
     # claimed a fire has to enqueue it before another replica takes the fire over.
     fire_claim_ttl: int = Field(default=86400, gt=0)
@@ -106,6 +115,21 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator(
+        "impressions_future_skew",
+        "impressions_inflight_timeout",
+        "impressions_minute_retention",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        """Durations as ``90s``, ``15m``, ``12h``, ``7d``, plain seconds or ISO 8601."""
+        if isinstance(value, str):
+            match = _DURATION.fullmatch(value.strip())
+            if match:
+                return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -58,6 +58,10 @@ def seed_live(session: Session, config_dir: Any, now: datetime, *, drift: bool =
 class DriftAct:
     name = "drift"
     expected_successes: ClassVar[dict[str, int]] = {"drift.detect": 2}
+    metrics: ClassVar[tuple[str, ...]] = (
+        "fleet_drift_findings_opened_total",
+        "fleet_drift_findings_resolved_total",
+    )
 
     def __init__(self) -> None:
         self.fixed_at: datetime | None = None
@@ -69,7 +73,7 @@ class DriftAct:
             f"drift: seeded {written} live keys with {len(DELIBERATE_DRIFT)} deliberate differences"
         )
 
-    def tick(self, rt: Runtime, now: datetime) -> str | None:
+    def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None:
         if self.fixed_at is not None or not self._open(rt, *FIXED):
             return None
         environment, key = FIXED

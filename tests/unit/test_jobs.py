@@ -107,7 +107,11 @@ def test_time_limits_can_be_overridden_by_settings(tmp_path: Any) -> None:
 
 
 def test_visibility_timeout_must_exceed_every_hard_limit() -> None:
-    with pytest.raises(SettingsError, match=r"^FLEET_VISIBILITY_TIMEOUT=60 must exceed .*fleet"):
+    longest = max(JOBS.values(), key=lambda spec: spec.time_limit)
+    expected = (
+        rf"^FLEET_VISIBILITY_TIMEOUT=60 must exceed the longest hard time limit \({longest.name}: "
+    )
+    with pytest.raises(SettingsError, match=expected):
         check_time_limits(JobTimeLimits({}), JOBS, visibility_timeout=60)
     check_time_limits(JobTimeLimits({}), JOBS, visibility_timeout=7200)
     shortened = JobTimeLimits({"fleet.heartbeat": (1.0, 2.0)})

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "schedules.cli",
     "workers.demo",
     "tasks.drift.cli",
+    "tasks.impressions.cli",
 )
 
 

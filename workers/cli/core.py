@@ -109,11 +109,12 @@ def worker(
     rt.require_migrated()
 
     from monitoring.exporter import build_registry, record_build_info, serve_metrics
-    from workers.celery_app import create_app, queue_depths
+    from workers.backlog import read_backlog
+    from workers.celery_app import create_app
     from workers.logs import get_logger
 
     app = create_app(rt)
-    bound = serve_metrics(port, build_registry(lambda: queue_depths(rt)))
+    bound = serve_metrics(port, build_registry(lambda: read_backlog(rt.redis)))
     record_build_info("worker")
     node = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
     get_logger("fleet.worker").info(

@@ -7,18 +7,20 @@ the fleet must be able to read, and report, a row whose text is not valid JSON.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Dialect,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -230,3 +232,90 @@ class DriftFindingRow(Base):
         Index("ix_drift_findings_open", "resolved_at", "scope"),
         Index("ix_drift_findings_environment", "environment", "resolved_at"),
     )
+
+
+def _impression_key(table: str) -> Index:
+    """One row per flag, environment, variant, tenant and bucket; a NULL tenant (a
+    platform-level evaluation) is one tenant of its own."""
+    return Index(
+        f"uq_{table}_key",
+        "flag_key",
+        "environment",
+        "variant",
+        func.coalesce(text("tenant_id"), ""),
+        "bucket_start",
+        unique=True,
+    )
+
+
+class FlagImpressionCount(Base):
+    """Impressions per minute of the impression's own timestamp.
+
+    Lean on purpose, it takes an upsert per key for every batch: no surrogate id (the
+    unique key is the row's identity) and a BRIN index on time for retention and range
+    reads (B-tree on SQLite).
+    """
+
+    __tablename__ = "flag_impression_counts"
+
+    flag_key: Mapped[str] = mapped_column(String(256))
+    environment: Mapped[str] = mapped_column(String(64))
+    variant: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        _impression_key("flag_impression_counts"),
+        Index("ix_flag_impression_counts_bucket", "bucket_start", postgresql_using="brin"),
+    )
+    __mapper_args__ = {  # noqa: RUF012 - SQLAlchemy's declarative attribute
+        "primary_key": [flag_key, environment, variant, tenant_id, bucket_start]
+    }
+
+
+class FlagImpressionHourly(Base):
+    """Minute rows older than the retention, folded into their hour."""
+
+    __tablename__ = "flag_impression_counts_hourly"
+
+    flag_key: Mapped[str] = mapped_column(String(256))
+    environment: Mapped[str] = mapped_column(String(64))
+    variant: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (_impression_key("flag_impression_counts_hourly"),)
+    __mapper_args__ = {  # noqa: RUF012 - SQLAlchemy's declarative attribute
+        "primary_key": [flag_key, environment, variant, tenant_id, bucket_start]
+    }
+
+
+class FlagImpressionUsers(Base):
+    """Distinct users per flag, environment, variant and day (HyperLogLog estimate); the
+    sketch itself is kept so that Redis can be refilled after losing it."""
+
+    __tablename__ = "flag_impression_users"
+
+    flag_key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    users: Mapped[int] = mapped_column(BigInteger)
+    sketch: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ImpressionBatch(Base):
+    """Batches applied to the counts: a batch id is written in the same transaction as
+    its counts, so a batch applied twice (a worker presumed dead) counts once."""
+
+    __tablename__ = "impression_batches"
+
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    impressions: Mapped[int] = mapped_column(Integer)
+    dead_letters: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_impression_batches_applied", "applied_at"),)

@@ -1,0 +1,211 @@
+"""``impressions.aggregate`` and ``impressions.rollup``: feature-flag impressions counted
+exactly once, per minute, and kept within their retention.
+
+A run first takes over batches whose worker died, then drains the list batch by batch
+until it is empty or the time budget is spent. Each batch: aggregate (pure), commit counts
+with the batch id (once), add users to the day's sketches (idempotent), then push its dead
+letters and forget it (once). Killing the worker between any two of these steps loses and
+doubles nothing: see :mod:`tasks.impressions.queue` and :mod:`tasks.impressions.store`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from tasks.impressions.queue import Batch, ImpressionQueue
+from tasks.impressions.records import Aggregate, aggregate
+from tasks.impressions.rollup import fold_minutes
+from tasks.impressions.store import apply_batch
+from tasks.impressions.users import UserSketches, persist_users
+from workers.jobs import RetryPolicy, job
+from workers.logs import get_logger
+from workers.runtime import Runtime, runtime
+
+log = get_logger("fleet.impressions")
+
+TIME_LIMIT = 60
+
+
+@dataclass
+class DrainSummary:
+    batches: int = 0
+    impressions: int = 0
+    counted: int = 0  # in batches this run applied (a recovered batch may have been applied)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    recovered_batches: int = 0
+    already_applied: int = 0
+    users_sketches_saved: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self, queue: ImpressionQueue) -> dict[str, Any]:
+        rate = self.counted / self.seconds if self.seconds else 0.0
+        return {
+            "batches": self.batches,
+            "impressions": self.impressions,
+            "counted": self.counted,
+            "dead_lettered": sum(self.dead_letters.values()),
+            "dead_letters_by_reason": dict(sorted(self.dead_letters.items())),
+            "recovered_batches": self.recovered_batches,
+            "batches_already_applied": self.already_applied,
+            "users_sketches_saved": self.users_sketches_saved,
+            "seconds": round(self.seconds, 3),
+            "impressions_per_second": round(rate),
+            "left_in_queue": queue.depth(),
+            "in_flight_batches": queue.in_flight(),
+        }
+
+
+def process(
+    rt: Runtime,
+    queue: ImpressionQueue,
+    sketches: UserSketches,
+    batch: Batch,
+    summary: DrainSummary,
+) -> None:
+    """Count one batch, start to finish, in this thread."""
+    commit(rt, queue, sketches, batch, count(rt, batch), summary)
+
+
+def count(rt: Runtime, batch: Batch) -> Aggregate:
+    return aggregate(batch.items, datetime.now(UTC), rt.settings.impressions_future_skew)
+
+
+def commit(
+    rt: Runtime,
+    queue: ImpressionQueue,
+    sketches: UserSketches,
+    batch: Batch,
+    counts: Aggregate,
+    summary: DrainSummary,
+) -> None:
+    """Counts committed with the batch id (once), users added (idempotent), then dead
+    letters pushed and the batch forgotten (once): in this order, always."""
+    from monitoring import metrics
+
+    started = time.perf_counter()
+    now = datetime.now(UTC)
+    with rt.engine.begin() as connection:
+        applied = apply_batch(connection, batch.id, counts, now)
+    sketches.add(counts.users)
+    pushed = queue.finish(batch, [letter.encode(batch.id, now) for letter in counts.dead])
+    summary.batches += 1
+    summary.impressions += len(batch.items)
+    if applied:
+        summary.counted += counts.impressions
+        metrics.IMPRESSIONS_PROCESSED.inc(counts.impressions)
+    else:
+        summary.already_applied += 1
+    if pushed and counts.dead:
+        reasons = counts.dead_by_reason
+        summary.dead_letters.update(reasons)
+        for reason, number in reasons.items():
+            metrics.IMPRESSIONS_DEAD_LETTERED.labels(reason).inc(number)
+        first = counts.dead[0]
+        log.warning(
+            "impressions_dead_lettered",
+            batch=batch.id,
+            count=len(counts.dead),
+            reasons=dict(reasons),
+            first_reason=first.reason,
+            first_detail=first.detail,
+        )
+    metrics.IMPRESSIONS_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+def recover(
+    rt: Runtime, queue: ImpressionQueue, sketches: UserSketches, summary: DrainSummary
+) -> None:
+    from monitoring import metrics
+
+    timeout = rt.settings.impressions_inflight_timeout.total_seconds()
+    for batch_id in queue.orphans(time.time(), timeout):
+        batch = queue.take_over(batch_id, time.time(), timeout)
+        if batch is None:
+            continue  # another worker took it first
+        log.warning("impressions_batch_recovered", batch=batch.id, impressions=len(batch.items))
+        summary.recovered_batches += 1
+        metrics.IMPRESSIONS_RECOVERED_BATCHES.inc()
+        process(rt, queue, sketches, batch, summary)
+
+
+def drain(
+    rt: Runtime, batch_size: int, budget_seconds: float, max_batches: int | None = None
+) -> dict[str, Any]:
+    """Recover orphans, then drain until empty or out of time.
+
+    Two stages overlap: while one thread commits batch N (the database works on the other
+    core), this one takes and counts batch N+1. Each batch still goes through
+    :func:`commit` in order, one at a time; at most one batch waits between the stages.
+    """
+    queue = ImpressionQueue(rt.redis)
+    sketches = UserSketches(rt.redis, rt.engine)
+    summary = DrainSummary()
+    started = time.monotonic()
+    recover(rt, queue, sketches, summary)
+    taken = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="impressions-commit") as committer:
+        pending: Future[None] | None = None
+        while time.monotonic() - started < budget_seconds:
+            if max_batches is not None and taken >= max_batches:
+                break
+            batch = queue.take(batch_size, time.time())
+            if batch is None:
+                break
+            taken += 1
+            counts = count(rt, batch)
+            if pending is not None:
+                pending.result()  # the previous commit, and its error if any
+            pending = committer.submit(commit, rt, queue, sketches, batch, counts, summary)
+        if pending is not None:
+            pending.result()
+    summary.users_sketches_saved = persist_users(rt.redis, rt.engine, datetime.now(UTC))
+    summary.seconds = time.monotonic() - started
+    result = summary.as_dict(queue)
+    log.info(
+        "impressions_drained", **{k: v for k, v in result.items() if k != "dead_letters_by_reason"}
+    )
+    return result
+
+
+@job(
+    "impressions.aggregate",
+    queue="impressions",
+    soft_time_limit=TIME_LIMIT - 10,
+    time_limit=TIME_LIMIT,
+    retry=RetryPolicy(max_retries=3, backoff_base=1, backoff_cap=10),
+)
+def aggregate_impressions(
+    *,
+    budget_seconds: Annotated[float, Field(gt=0, le=40)] = 8.0,
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] | None = None,
+    max_batches: Annotated[int, Field(ge=1)] | None = None,
+) -> dict[str, Any]:
+    """Drain feature_flag_impressions into per-minute counts, exactly once."""
+    rt = runtime()
+    return drain(rt, batch_size or rt.settings.impressions_batch_size, budget_seconds, max_batches)
+
+
+@job(
+    "impressions.rollup",
+    queue="impressions",
+    soft_time_limit=540,
+    time_limit=600,
+    retry=RetryPolicy(max_retries=3, backoff_base=5, backoff_cap=60),
+)
+def rollup_impressions() -> dict[str, Any]:
+    """Fold minute counts older than the retention into hourly rows."""
+    from monitoring import metrics
+
+    rt = runtime()
+    now = datetime.now(UTC)
+    result = fold_minutes(rt.engine, now - rt.settings.impressions_minute_retention, now)
+    metrics.IMPRESSIONS_FOLDED.inc(result["minute_rows_folded"])
+    log.info("impressions_rolled_up", **result)
+    return result

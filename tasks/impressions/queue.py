@@ -1,0 +1,105 @@
+"""The impression list in Redis, taken in batches that survive the worker taking them.
+
+A batch moves atomically (one Lua script) from the right end of the platform's list (the
+oldest impressions: producers ``LPUSH``) to its own processing list, and is listed in a
+sorted set scored by the time it was taken. It leaves both, with its dead letters pushed,
+in one more atomic step once its counts are committed (:meth:`ImpressionQueue.finish`,
+which only the first finisher performs). A batch whose worker died stays listed; after the
+in-flight timeout any worker takes it over and applies it again, which the database's
+batch ledger makes harmless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from workers.backlog import IMPRESSIONS, IMPRESSIONS_DEAD
+
+SOURCE = IMPRESSIONS
+DEAD = IMPRESSIONS_DEAD
+BATCH_PREFIX = "fleet:impressions:batch:"
+IN_FLIGHT = "fleet:impressions:inflight"
+
+_TAKE = """
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+for i = 1, #items, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return items
+"""
+
+_TAKE_OVER = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+if #items == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return items
+"""
+
+_FINISH = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+for i = 2, #ARGV, 1000 do
+  redis.call('LPUSH', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    items: list[bytes]
+    recovered: bool = False
+
+    @property
+    def key(self) -> str:
+        return BATCH_PREFIX + self.id
+
+
+class ImpressionQueue:
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._take = client.register_script(_TAKE)
+        self._take_over = client.register_script(_TAKE_OVER)
+        self._finish = client.register_script(_FINISH)
+
+    def take(self, size: int, now: float) -> Batch | None:
+        """Up to ``size`` of the oldest impressions, as a new batch; None when empty."""
+        batch_id = uuid.uuid4().hex
+        items = self._take(
+            keys=[SOURCE, BATCH_PREFIX + batch_id, IN_FLIGHT], args=[size, now, batch_id]
+        )
+        return Batch(batch_id, list(items)) if items else None
+
+    def orphans(self, now: float, timeout: float, limit: int = 10) -> list[str]:
+        ids = self._redis.zrangebyscore(IN_FLIGHT, "-inf", now - timeout, start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def take_over(self, batch_id: str, now: float, timeout: float) -> Batch | None:
+        """Claim a batch whose worker is presumed dead; None if someone else did."""
+        items = self._take_over(
+            keys=[IN_FLIGHT, BATCH_PREFIX + batch_id], args=[batch_id, now - timeout, now]
+        )
+        return Batch(batch_id, list(items), recovered=True) if items else None
+
+    def finish(self, batch: Batch, dead_letters: Sequence[bytes]) -> bool:
+        """Dead letters pushed and the batch forgotten, once; False if already done."""
+        done = self._finish(keys=[IN_FLIGHT, batch.key, DEAD], args=[batch.id, *dead_letters])
+        return bool(done)
+
+    def depth(self) -> int:
+        return int(self._redis.llen(SOURCE))
+
+    def in_flight(self) -> int:
+        return int(self._redis.zcard(IN_FLIGHT))

@@ -1,0 +1,159 @@
+"""Distinct users per flag, environment, variant and day: HyperLogLog in Redis, kept in
+the database too.
+
+Adding a user to a sketch is idempotent, so a batch applied twice changes nothing. Redis
+here keeps nothing on disk: when a day's sketch is missing from Redis, the copy in the
+database is merged back in (``PFMERGE``, a union, safe with other workers adding at the
+same time) before new users are added. Sketches that changed are listed in a set and
+written to the database at the end of each run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+from sqlalchemy import Engine, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+
+from tasks.impressions.records import UsersKey
+from workers.db.models import FlagImpressionUsers
+
+PREFIX = "fleet:impressions:users:"
+DIRTY = "fleet:impressions:users:dirty"
+KEEP = timedelta(days=8)  # older days are final in the database
+
+
+def users_key(key: UsersKey) -> str:
+    flag, environment, variant, day = key
+    return PREFIX + orjson.dumps([flag, environment, variant, day.isoformat()]).decode()
+
+
+def parse_users_key(name: str) -> UsersKey:
+    flag, environment, variant, day = orjson.loads(name.removeprefix(PREFIX))
+    return flag, environment, variant, date.fromisoformat(day)
+
+
+class UserSketches:
+    """One drain run's writer of sketches: it checks each day's sketch in Redis once per run
+    (restoring it from the database if Redis lost it), then only adds."""
+
+    def __init__(self, client: redis.Redis, engine: Engine) -> None:
+        self._redis = client
+        self._engine = engine
+        self._ready: set[str] = set()
+
+    def add(self, users: Mapping[UsersKey, set[str]]) -> None:
+        if not users:
+            return
+        names = {key: users_key(key) for key in users}
+        unchecked = [key for key, name in names.items() if name not in self._ready]
+        if unchecked:
+            self._ensure(unchecked, names)
+        pipe = self._redis.pipeline(transaction=False)
+        for key, members in users.items():
+            pipe.pfadd(names[key], *members)
+        pipe.sadd(DIRTY, *names.values())
+        pipe.execute()
+
+    def _ensure(self, keys: list[UsersKey], names: dict[UsersKey, str]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(names[key])
+        found = pipe.execute()
+        missing = [key for key, present in zip(keys, found, strict=True) if not present]
+        if missing:
+            _restore(self._redis, self._engine, missing)
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            # PFADD of nothing creates an empty sketch, so the expiry holds from now on.
+            pipe.pfadd(names[key])
+            pipe.expire(names[key], int(KEEP.total_seconds()))
+        pipe.execute()
+        self._ready.update(names[key] for key in keys)
+
+
+def _restore(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                FlagImpressionUsers.flag_key,
+                FlagImpressionUsers.environment,
+                FlagImpressionUsers.variant,
+                FlagImpressionUsers.day,
+                FlagImpressionUsers.sketch,
+            ).where(
+                tuple_(
+                    FlagImpressionUsers.flag_key,
+                    FlagImpressionUsers.environment,
+                    FlagImpressionUsers.variant,
+                    FlagImpressionUsers.day,
+                ).in_(keys)
+            )
+        ).all()
+    for flag, environment, variant, day, sketch in rows:
+        name = users_key((flag, environment, variant, day))
+        scratch = f"{name}:restore"
+        pipe = client.pipeline(transaction=True)
+        pipe.set(scratch, sketch, ex=60)
+        pipe.pfmerge(name, name, scratch)
+        pipe.delete(scratch)
+        pipe.execute()
+
+
+def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int = 5000) -> int:
+    """Write changed sketches and their counts to the database; returns how many."""
+    names = [
+        n.decode() if isinstance(n, bytes) else str(n) for n in client.spop(DIRTY, limit) or []
+    ]
+    if not names:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.get(name)
+        pipe.pfcount(name)
+    answers = pipe.execute()
+    rows: list[dict[str, Any]] = []
+    for index, name in enumerate(names):
+        sketch, count = answers[2 * index], answers[2 * index + 1]
+        if sketch is None:
+            continue  # expired: the database copy is final
+        flag, environment, variant, day = parse_users_key(name)
+        rows.append(
+            {
+                "flag_key": flag,
+                "environment": environment,
+                "variant": variant,
+                "day": day,
+                "users": int(count),
+                "sketch": sketch,
+                "updated_at": now,
+            }
+        )
+    try:
+        _upsert(engine, rows)
+    except Exception:
+        client.sadd(DIRTY, *names)  # try again next run
+        raise
+    return len(rows)
+
+
+def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(FlagImpressionUsers)
+    statement = statement.on_conflict_do_update(
+        index_elements=["flag_key", "environment", "variant", "day"],
+        set_={
+            "users": statement.excluded.users,
+            "sketch": statement.excluded.sketch,
+            "updated_at": statement.excluded.updated_at,
+        },
+    )
+    rows.sort(key=lambda r: (r["flag_key"], r["environment"], r["variant"], r["day"]))
+    with engine.begin() as connection:
+        connection.execute(statement, rows)

@@ -1,0 +1,459 @@
+"""Impressions on real Redis and databases: exact counts under kills, concurrency, bad
+records, retention, distinct users, dead-letter replay."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from sqlalchemy import Engine, func, select
+
+from tasks.impressions import drain
+from tasks.impressions.queue import DEAD, IN_FLIGHT, SOURCE
+from tasks.impressions.rollup import fold_minutes
+from tasks.impressions.users import DIRTY, PREFIX
+from tests.helpers import ROOT, run_fleet
+from workers.db.models import (
+    FeatureFlag,
+    FlagImpressionCount,
+    FlagImpressionHourly,
+    FlagImpressionUsers,
+    ImpressionBatch,
+)
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+FLAGS = ("new_ui_enabled", "model_configuration", "checkout_v2")
+ENVS = ("production", "staging")
+BAD = [
+    b"{oops",
+    b"[]",
+    b'{"flag_key": "x", "environment": "p", "variant": "on"}',
+    b'{"flag_key": "", "environment": "p", "variant": "on", "timestamp": "2026-01-01T00:00:00"}',
+    b'{"flag_key": "x", "environment": "p", "variant": "on", "timestamp": "soon"}',
+]
+
+
+class Stream:
+    """Generated impressions and, independently of the code under test, what they count."""
+
+    def __init__(
+        self, count: int, bad_every: int = 100, seed: int = 1, start: datetime | None = None
+    ) -> None:
+        rng = random.Random(seed)
+        start = start or datetime.now(UTC) - timedelta(minutes=30)
+        self.payloads: list[bytes] = []
+        self.expected: Counter[tuple[Any, ...]] = Counter()
+        self.per_flag: Counter[tuple[str, str]] = Counter()
+        self.bad = 0
+        for i in range(count):
+            if bad_every and i % bad_every == bad_every - 1:
+                self.payloads.append(BAD[self.bad % len(BAD)])
+                self.bad += 1
+                continue
+            moment = start + timedelta(seconds=rng.randrange(1800))
+            flag, env = rng.choice(FLAGS), rng.choice(ENVS)
+            variant = rng.choice(("on", "off", "b"))
+            tenant = None if rng.random() < 0.1 else f"t{rng.randrange(5)}"
+            self.payloads.append(
+                orjson.dumps(
+                    {
+                        "flag_key": flag,
+                        "environment": env,
+                        "variant": variant,
+                        "user_id": f"u{rng.randrange(50)}",
+                        "tenant_id": tenant,
+                        "timestamp": moment.replace(tzinfo=None).isoformat(),
+                        "context": {},
+                    }
+                )
+            )
+            bucket = moment.replace(second=0, microsecond=0)
+            self.expected[(flag, env, variant, tenant, bucket)] += 1
+            self.per_flag[(flag, env)] += 1
+
+    @property
+    def good(self) -> int:
+        return sum(self.expected.values())
+
+    def push(self, client: redis.Redis) -> None:
+        for start in range(0, len(self.payloads), 1000):
+            client.lpush(SOURCE, *self.payloads[start : start + 1000])
+
+
+def settings_for(db_url: str, redis_url: str, home: Path, **extra: Any) -> FleetSettings:
+    return FleetSettings(database_url=db_url, redis_url=redis_url, home=home, **extra)
+
+
+@pytest.fixture
+def rt(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
+    runtime = install(
+        Runtime(
+            settings_for(db_url, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0))
+        )
+    )
+    yield runtime
+    runtime.close()
+
+
+def stored_counts(engine: Engine) -> Counter[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                FlagImpressionCount.flag_key,
+                FlagImpressionCount.environment,
+                FlagImpressionCount.variant,
+                FlagImpressionCount.tenant_id,
+                FlagImpressionCount.bucket_start,
+                FlagImpressionCount.count,
+            )
+        )
+        return Counter({tuple(r[:5]): r[5] for r in rows})
+
+
+def add_flags(engine: Engine) -> None:
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        for flag in FLAGS:
+            for env in ENVS:
+                connection.execute(
+                    FeatureFlag.__table__.insert().values(
+                        key=flag,
+                        environment=env,
+                        name=flag,
+                        flag_type="boolean",
+                        enabled=True,
+                        default_variant="off",
+                        variants="[]",
+                        targeting_rules="[]",
+                        created_at=now,
+                        created_by="t",
+                        updated_at=now,
+                        updated_by="t",
+                        rollout_percentage=0.0,
+                        impression_count=0,
+                    )
+                )
+
+
+def flag_counts(engine: Engine) -> Counter[tuple[str, str]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(FeatureFlag.key, FeatureFlag.environment, FeatureFlag.impression_count)
+        )
+        return Counter({(k, e): n for k, e, n in rows if n})
+
+
+def assert_exact(rt: Runtime, stream: Stream) -> None:
+    assert stored_counts(rt.engine) == stream.expected
+    assert flag_counts(rt.engine) == stream.per_flag
+    assert rt.redis.llen(DEAD) == stream.bad
+    assert rt.redis.llen(SOURCE) == 0
+    assert rt.redis.zcard(IN_FLIGHT) == 0
+    assert list(rt.redis.scan_iter("fleet:impressions:batch:*")) == []
+
+
+def test_counts_equal_what_was_pushed(rt: Runtime) -> None:
+    add_flags(rt.engine)
+    stream = Stream(5_000)
+    stream.push(rt.redis)
+    summary = drain(rt, batch_size=700, budget_seconds=60)
+    assert summary["counted"] == stream.good
+    assert summary["dead_lettered"] == stream.bad
+    assert_exact(rt, stream)
+    with rt.engine.connect() as connection:
+        assert (
+            connection.execute(select(func.count()).select_from(ImpressionBatch)).scalar_one() == 8
+        )
+        last = connection.execute(select(func.max(FeatureFlag.last_evaluated))).scalar_one()
+    assert last is not None and last <= datetime.now(UTC)
+
+
+def test_every_kind_of_bad_record_is_dead_lettered_while_good_ones_count(rt: Runtime) -> None:
+    good = Stream(20, bad_every=0)
+    rt.redis.lpush(SOURCE, *good.payloads[:10], *BAD, *good.payloads[10:])
+    summary = drain(rt, batch_size=7, budget_seconds=60)
+    assert summary["dead_letters_by_reason"] == {
+        "bad_timestamp": 1,
+        "empty_field": 1,
+        "missing_field": 1,
+        "not_an_object": 1,
+        "not_json": 1,
+    }
+    assert stored_counts(rt.engine) == good.expected
+    letters = [orjson.loads(raw) for raw in rt.redis.lrange(DEAD, 0, -1)]
+    assert {letter["payload"].encode() for letter in letters} == set(BAD)
+    assert all(letter["reason"] and letter["detail"] and letter["batch_id"] for letter in letters)
+
+
+def test_a_batch_applied_twice_counts_once(rt: Runtime) -> None:
+    """A worker presumed dead finishes after its batch was taken over: no double count."""
+    from tasks.impressions import DrainSummary, UserSketches, process
+    from tasks.impressions.queue import ImpressionQueue
+
+    add_flags(rt.engine)
+    stream = Stream(300, bad_every=50)
+    stream.push(rt.redis)
+    queue = ImpressionQueue(rt.redis)
+    batch = queue.take(1000, time.time())
+    assert batch is not None
+    taken_over = queue.take_over(batch.id, time.time(), timeout=0)
+    assert taken_over is not None and taken_over.items == batch.items
+    first, second = DrainSummary(), DrainSummary()
+    sketches = UserSketches(rt.redis, rt.engine)
+    process(rt, queue, sketches, taken_over, first)
+    process(rt, queue, sketches, batch, second)  # the slow original, arriving late
+    assert (first.counted, second.counted, second.already_applied) == (stream.good, 0, 1)
+    assert_exact(rt, stream)
+
+
+def test_sigkill_at_every_step_loses_and_doubles_nothing(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from tests.impression_drainer import POINTS
+
+    env = drainer_env(postgres_url, redis_url, tmp_path)
+    rt = install(
+        Runtime(
+            settings_for(
+                postgres_url, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0)
+            )
+        )
+    )
+    add_flags(rt.engine)
+    total = Stream(0)
+    for seed, point in enumerate(POINTS):
+        stream = Stream(1_500, bad_every=75, seed=seed + 10)
+        stream.push(rt.redis)
+        total.expected.update(stream.expected)
+        total.per_flag.update(stream.per_flag)
+        total.bad += stream.bad
+        crashed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.impression_drainer",
+                "--crash-at",
+                point,
+                "--on-batch",
+                "3",
+                "--batch-size",
+                "200",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr[-2000:])
+        assert rt.redis.zcard(IN_FLIGHT) <= 2, point  # one committing, one counted
+        drain(rt, 200, 60)  # another worker: recovers the orphan, drains the rest
+        assert stored_counts(rt.engine) == total.expected, point
+        assert_exact(rt, total)
+    rt.close()
+
+
+def test_random_sigkills_over_many_trials(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    env = drainer_env(postgres_url, redis_url, tmp_path)
+    rt = install(
+        Runtime(
+            settings_for(
+                postgres_url, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0)
+            )
+        )
+    )
+    add_flags(rt.engine)
+    rng = random.Random(5)
+    total = Stream(0)
+    interrupted = 0
+    for trial in range(5):
+        stream = Stream(12_000, bad_every=500, seed=100 + trial)
+        stream.push(rt.redis)
+        total.expected.update(stream.expected)
+        total.per_flag.update(stream.per_flag)
+        total.bad += stream.bad
+        drainer = subprocess.Popen(
+            [sys.executable, "-m", "tests.impression_drainer", "--batch-size", "300"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Kill it once it is draining, at a random moment.
+        deadline = time.monotonic() + 60
+        while rt.redis.llen(SOURCE) == len(stream.payloads) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        drainer.send_signal(signal.SIGKILL)
+        drainer.wait(30)
+        if rt.redis.llen(SOURCE) or rt.redis.zcard(IN_FLIGHT):
+            interrupted += 1  # killed with work left: the case this test is about
+        drain(rt, 500, 120)
+        assert_exact(rt, total)
+    assert interrupted >= 3, f"only {interrupted} of 5 kills hit a drainer mid-work"
+    rt.close()
+
+
+@pytest.mark.parametrize("drainers", [2, 4])
+def test_concurrent_drainers_count_exactly(
+    postgres_url: str, redis_url: str, tmp_path: Path, drainers: int
+) -> None:
+    env = drainer_env(postgres_url, redis_url, tmp_path)
+    rt = install(Runtime(settings_for(postgres_url, redis_url, tmp_path)))
+    add_flags(rt.engine)
+    stream = Stream(30_000, bad_every=1000, seed=drainers)
+    stream.push(rt.redis)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.impression_drainer", "--batch-size", "250"],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(drainers)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err[-2000:]
+    assert_exact(rt, stream)
+    with rt.engine.connect() as connection:
+        batches = connection.execute(select(func.count()).select_from(ImpressionBatch)).scalar_one()
+    assert batches == len(stream.payloads) // 250
+    rt.close()
+
+
+def drainer_env(db_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        FLEET_DATABASE_URL=db_url,
+        FLEET_REDIS_URL=redis_url,
+        FLEET_HOME=str(tmp_path / "home"),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def test_retention_folds_minutes_into_hours_without_losing_a_count(rt: Runtime) -> None:
+    old = datetime(2026, 1, 10, 9, 0, tzinfo=UTC)
+    stream = Stream(3_000, bad_every=0, start=old)  # 30 minutes from 09:00
+    late = Stream(500, bad_every=0, seed=9, start=old + timedelta(hours=2))
+    stream.push(rt.redis)
+    late.push(rt.redis)
+    now = datetime.now(UTC)
+    drain(rt, 1000, 60)
+    before = sum(stored_counts(rt.engine).values())
+    result = fold_minutes(rt.engine, old + timedelta(hours=1), now)  # folds 09:xx only
+    assert result["minute_rows_folded"] == len(stream.expected)
+    with rt.engine.connect() as connection:
+        hourly = Counter(
+            {
+                tuple(r[:5]): r[5]
+                for r in connection.execute(
+                    select(
+                        FlagImpressionHourly.flag_key,
+                        FlagImpressionHourly.environment,
+                        FlagImpressionHourly.variant,
+                        FlagImpressionHourly.tenant_id,
+                        FlagImpressionHourly.bucket_start,
+                        FlagImpressionHourly.count,
+                    )
+                )
+            }
+        )
+    expected_hourly: Counter[tuple[Any, ...]] = Counter()
+    for (flag, env, variant, tenant, _minute), n in stream.expected.items():
+        expected_hourly[(flag, env, variant, tenant, old)] += n
+    assert hourly == expected_hourly
+    assert stored_counts(rt.engine) == late.expected  # the 11:xx minutes stay
+    assert sum(hourly.values()) + sum(stored_counts(rt.engine).values()) == before
+    # A late impression for a folded hour folds in additively next time.
+    Stream(10, bad_every=0, seed=3, start=old).push(rt.redis)
+    drain(rt, 100, 10)
+    fold_minutes(rt.engine, old + timedelta(hours=1), now)
+    with rt.engine.connect() as connection:
+        folded = connection.execute(select(func.sum(FlagImpressionHourly.count))).scalar_one()
+    assert folded == stream.good + 10
+    assert fold_minutes(rt.engine, old + timedelta(hours=1), now)["minute_rows_folded"] == 0
+
+
+def test_distinct_users_survive_redis_losing_its_sketches(rt: Runtime) -> None:
+    stamp = datetime.now(UTC).replace(tzinfo=None).isoformat()
+
+    def push(users: range) -> None:
+        rt.redis.lpush(
+            SOURCE,
+            *[
+                orjson.dumps(
+                    {
+                        "flag_key": "f",
+                        "environment": "production",
+                        "variant": "b",
+                        "user_id": f"user-{u}",
+                        "tenant_id": None,
+                        "timestamp": stamp,
+                    }
+                )
+                for u in users
+            ],
+        )
+
+    push(range(0, 1000))
+    drain(rt, 300, 30)
+    for key in rt.redis.scan_iter(PREFIX + "*"):
+        if key != DIRTY.encode():
+            rt.redis.delete(key)  # Redis restarted: nothing on disk
+    push(range(500, 1500))
+    drain(rt, 300, 30)
+    with rt.engine.connect() as connection:
+        (users,) = connection.execute(select(FlagImpressionUsers.users)).one()
+    assert 1500 * 0.97 <= users <= 1500 * 1.03  # HyperLogLog: within 3%
+
+
+def test_replay_dead_sends_letters_back_after_a_fix(fleet_env: dict[str, str]) -> None:
+    client = redis.Redis.from_url(fleet_env["FLEET_REDIS_URL"])
+    future = (datetime.now(UTC) + timedelta(minutes=30)).replace(tzinfo=None).isoformat()
+    client.lpush(
+        SOURCE,
+        orjson.dumps({"flag_key": "f", "environment": "e", "variant": "v", "timestamp": future}),
+        b"{garbage",
+    )
+    done = run_fleet("run", "impressions.aggregate", env=fleet_env)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["dead_letters_by_reason"] == {
+        "future_timestamp": 1,
+        "not_json": 1,
+    }
+    replay = run_fleet("impressions", "replay-dead", "--reason", "future_timestamp", env=fleet_env)
+    assert replay.returncode == 0, replay.stderr
+    assert (
+        replay.stdout.strip()
+        == "re-queued 1 dead letters; 1 remain in feature_flag_impressions:dead"
+    )
+    fleet_env["FLEET_IMPRESSIONS_FUTURE_SKEW"] = "1h"  # the fix: clocks are allowed to lead
+    again = run_fleet("run", "impressions.aggregate", env=fleet_env)
+    assert orjson.loads(again.stdout)["counted"] == 1
+    report = run_fleet("impressions", "report", "--json", env=fleet_env)
+    assert orjson.loads(report.stdout)["rows"] == [
+        {"flag_key": "f", "environment": "e", "variant": "v", "impressions": 1, "users_today": None}
+    ]
+    bad = run_fleet("impressions", "replay-dead", "--reason", "nonsense", env=fleet_env)
+    assert bad.returncode == 2 and "'nonsense' is not one of" in bad.stderr
+    client.close()
