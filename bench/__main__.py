@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS: tuple[str, ...] = ("bench.fires", "bench.drift", "bench.impressions")
+BENCHMARKS: tuple[str, ...] = ("bench.fires", "bench.drift", "bench.impressions", "bench.secrets")
 
 
 def main(names: list[str]) -> None:

@@ -109,6 +109,37 @@ IMPRESSIONS_FOLDED = Counter(
     "Minute rows folded into hourly rows by the retention job.",
 )
 
+# Secrets -------------------------------------------------------------------------------
+
+SECRET_AGE = Gauge(
+    "fleet_secret_age_seconds",
+    "Age of the secret's current version (label: the managed secret's path).",
+    ["path"],
+    multiprocess_mode="mostrecent",
+)
+SECRET_DUE = Gauge(
+    "fleet_secret_rotation_due_timestamp_seconds",
+    "Unix time at which the secret's current version is due for rotation.",
+    ["path"],
+    multiprocess_mode="mostrecent",
+)
+SECRETS = Gauge(
+    "fleet_secrets",
+    "Managed secrets by status (ok, due_soon, overdue, unmanaged, error).",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
+SECRET_STORE_UP = Gauge(
+    "fleet_secret_store_up",
+    "1 when the last check could read the secret store; 0 when unreachable, sealed or refusing.",
+    multiprocess_mode="mostrecent",
+)
+SECRET_ROTATIONS = Counter(
+    "fleet_secret_rotations",
+    "Rotations by outcome (rotated, resumed, undone_then_rotated, failed) and last step.",
+    ["outcome", "step"],
+)
+
 # Read from Redis at scrape time (BacklogCollector), so they show with no worker running.
 QUEUE_DEPTH_NAME = "fleet_queue_depth"
 QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."

@@ -22,7 +22,12 @@ from workers.runtime import Runtime
 from workers.settings import SettingsError
 
 # Job families, found by module name so that this package never imports them directly.
-JOB_MODULES: tuple[str, ...] = ("tasks.heartbeat", "tasks.drift", "tasks.impressions")
+JOB_MODULES: tuple[str, ...] = (
+    "tasks.heartbeat",
+    "tasks.drift",
+    "tasks.impressions",
+    "tasks.secrets",
+)
 
 
 def job_modules(rt: Runtime) -> tuple[str, ...]:

@@ -22,7 +22,9 @@ from workers.errors import FleetError
 ENV_PREFIX = "FLEET_"
 
 # Fields whose raw input must never be echoed back in an error message.
-_SECRET_FIELDS = frozenset({"database_url", "redis_url", "vault_token"})
+_SECRET_FIELDS = frozenset(
+    {"database_url", "redis_url", "vault_token", "vault_secret_id", "secret_key"}
+)
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "sqlite")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -69,6 +71,16 @@ class FleetSettings(BaseSettings):
     vault_addr: str | None = None
     vault_token: SecretStr | None = Field(default=None, repr=False)
     vault_token_file: Path | None = None
+    vault_role_id: str | None = None  # AppRole, instead of a token
+    vault_secret_id: SecretStr | None = Field(default=None, repr=False)
+    vault_mount: str = "secret"
+    vault_path_prefix: str = "platform"
+    vault_namespace: str | None = None
+    vault_verify: bool | Path = True  # False, or a CA bundle path
+    vault_timeout: float = Field(default=10.0, gt=0)
+    # Embedded secret store: the Fernet key values are encrypted with (generated into
+    # FLEET_HOME/secret.key on first use when unset).
+    secret_key: SecretStr | None = Field(default=None, repr=False)
     prometheus_url: str | None = None
 
     # Files and directories.
@@ -194,6 +206,10 @@ class FleetSettings(BaseSettings):
         return self.database_url is None
 
     @property
+    def embedded_secrets(self) -> bool:
+        return self.vault_addr is None
+
+    @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
 
@@ -225,6 +241,9 @@ class FleetSettings(BaseSettings):
         found = [url_password(self.database_url), url_password(self.redis_url)]
         with contextlib.suppress(OSError):
             found.append(self.vault_token_value())
+        for secret in (self.vault_secret_id, self.secret_key):
+            if secret is not None:
+                found.append(secret.get_secret_value())
         return [value for value in found if value]
 
     def describe(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "workers.demo",
     "tasks.drift.cli",
     "tasks.impressions.cli",
+    "tasks.secrets.cli",
 )
 
 

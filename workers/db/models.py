@@ -319,3 +319,59 @@ class ImpressionBatch(Base):
     dead_letters: Mapped[int] = mapped_column(Integer)
 
     __table_args__ = (Index("ix_impression_batches_applied", "applied_at"),)
+
+
+class FleetAuditLog(Base):
+    """The fleet's own audit trail: status changes, rotations and their steps, drift and
+    canary events. Never holds a secret value."""
+
+    __tablename__ = "fleet_audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+
+
+class FleetSecret(Base):
+    """The embedded secret store: one row per path, as KV v2 keeps a secret's metadata."""
+
+    __tablename__ = "fleet_secrets"
+
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    current_version: Mapped[int] = mapped_column(Integer)
+    custom_metadata: Mapped[dict[str, str]] = mapped_column(JSONDocument)
+    created_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class FleetSecretVersion(Base):
+    """One version of an embedded secret; the value is Fernet-encrypted JSON."""
+
+    __tablename__ = "fleet_secret_versions"
+
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    deletion_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    destroyed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class SecretRotationStatus(Base):
+    """The last check's view of each secret: age, due date, status and why."""
+
+    __tablename__ = "secret_rotation_status"
+
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int | None] = mapped_column(Integer)
+    version_created: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    notify_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    rotator: Mapped[str | None] = mapped_column(String(64))
+    owner: Mapped[str | None] = mapped_column(String(256))
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,219 @@
+"""``secrets.check_rotation`` and ``secrets.rotate``: every managed secret with a known age
+and due date, warnings before it is due, and automatic rotation that never leaves a
+credential that works nowhere.
+
+Values never leave the store through here: results, logs, audit events and metrics carry
+paths, versions, dates and statuses only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from tasks.secrets.model import (
+    STATUSES,
+    PolicyError,
+    PolicyRule,
+    SecretMetadata,
+    Status,
+    load_policy_rules,
+    rotation_status,
+)
+from tasks.secrets.rotate import ROTATORS, STAGING, PostgresRotator
+from tasks.secrets.stores import SecretStore, SqlStore, StoreUnavailable, open_store
+from workers import audit
+from workers.db.models import SecretRotationStatus
+from workers.jobs import PermanentError, RetryPolicy, TransientError, job, skipped
+from workers.locks import job_locks
+from workers.logs import get_logger
+from workers.runtime import Runtime, runtime
+
+log = get_logger("fleet.secrets")
+
+ENQUEUED_KEY = "fleet:secrets:rotate-enqueued:"
+ROTATE_TIME_LIMIT = 120
+METADATA_THREADS = 16
+
+
+def all_metadata(store: SecretStore) -> list[SecretMetadata]:
+    """Every managed secret's metadata; through Vault, many requests at once."""
+    if isinstance(store, SqlStore):
+        metas = store.all_metadata()
+    else:
+        paths = store.list_paths()
+        with ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="vault") as pool:
+            metas = list(pool.map(store.metadata, paths))
+    return [m for m in metas if not m.path.startswith(STAGING)]
+
+
+def statuses(
+    metas: list[SecretMetadata], rules: list[PolicyRule] | PolicyError, now: datetime
+) -> list[Status]:
+    found = []
+    for meta in metas:
+        if isinstance(rules, PolicyError):
+            found.append(Status(meta.path, "error", reason=str(rules)))
+            continue
+        status = rotation_status(meta, rules, now)
+        if status.rotator is not None and status.rotator not in ROTATORS:
+            status = Status(
+                meta.path,
+                "error",
+                reason=f"unknown rotator {status.rotator!r} (known: {', '.join(ROTATORS)})",
+                version=status.version,
+                version_created=status.version_created,
+                age=status.age,
+                due_at=status.due_at,
+                rotator=status.rotator,
+                owner=status.owner,
+            )
+        found.append(status)
+    return sorted(found, key=lambda s: s.path)
+
+
+def _snapshot(rt: Runtime, found: list[Status], now: datetime) -> list[tuple[str, str | None, str]]:
+    """Store this check's view; returns (path, old status, new status) for changes."""
+    changes = []
+    with rt.sessions.begin() as session:
+        previous = {row.path: row for row in session.scalars(select(SecretRotationStatus))}
+        for status in found:
+            row = previous.get(status.path)
+            if row is None:
+                row = SecretRotationStatus(path=status.path)
+                session.add(row)
+            old = row.status if status.path in previous else None
+            row.status, row.reason, row.version = status.status, status.reason, status.version
+            row.version_created, row.due_at = status.version_created, status.due_at
+            row.notify_at, row.rotator, row.owner = status.notify_at, status.rotator, status.owner
+            row.checked_at = now
+            if old != status.status:
+                changes.append((status.path, old, status.status))
+                audit.record(
+                    session,
+                    "secret_status_changed",
+                    status.path,
+                    now,
+                    previous=old,
+                    status=status.status,
+                    reason=status.reason,
+                    version=status.version,
+                )
+        for path in set(previous) - {s.path for s in found}:
+            session.delete(previous[path])
+            audit.record(session, "secret_no_longer_seen", path, now)
+    return changes
+
+
+def _metrics(found: list[Status], store_up: bool) -> None:
+    from monitoring import metrics
+
+    metrics.SECRET_STORE_UP.set(1 if store_up else 0)
+    counts = Counter(s.status for s in found)
+    for name in STATUSES:
+        metrics.SECRETS.labels(name).set(counts.get(name, 0))
+    for status in found:
+        if status.age is not None:
+            metrics.SECRET_AGE.labels(status.path).set(status.age.total_seconds())
+        if status.due_at is not None:
+            metrics.SECRET_DUE.labels(status.path).set(status.due_at.timestamp())
+
+
+def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
+    from celery import current_app
+
+    enqueued = []
+    for status in found:
+        if status.status != "overdue" or status.rotator is None:
+            continue
+        # One rotation request per path per check interval, whatever the number of checks.
+        if rt.redis.set(ENQUEUED_KEY + status.path, "1", nx=True, ex=900):
+            current_app.send_task("secrets.rotate", kwargs={"path": status.path}, queue="secrets")
+            enqueued.append(status.path)
+    return enqueued
+
+
+@job(
+    "secrets.check_rotation",
+    queue="secrets",
+    soft_time_limit=240,
+    time_limit=300,
+    retry=RetryPolicy(max_retries=2, backoff_base=10, backoff_cap=60),
+)
+def check_rotation() -> dict[str, Any]:
+    """Every managed secret's age, due date and status; overdue ones sent to rotation."""
+    rt = runtime()
+    now = datetime.now(UTC)
+    store = open_store(rt.settings, rt.engine)
+    try:
+        store.health()
+        metas = all_metadata(store)
+    except StoreUnavailable as exc:
+        _metrics([], store_up=False)
+        log.error("secret_store_unavailable", store=store.name, reason=str(exc))
+        return {"store": store.name, "store_up": False, "error": str(exc), "secrets": []}
+    try:
+        rules: list[PolicyRule] | PolicyError = load_policy_rules(rt.settings.configuration_dir)
+    except PolicyError as exc:
+        log.error("rotation_policies_unusable", reason=str(exc))
+        rules = exc
+    found = statuses(metas, rules, now)
+    changes = _snapshot(rt, found, now)
+    for path, old, new in changes:
+        log.info("secret_status_changed", path=path, previous=old, status=new)
+    _metrics(found, store_up=True)
+    enqueued = _enqueue_rotations(rt, found)
+    return {
+        "store": store.name,
+        "store_up": True,
+        "counts": dict(sorted(Counter(s.status for s in found).items())),
+        "status_changes": len(changes),
+        "rotations_enqueued": enqueued,
+        "secrets": [s.as_dict() for s in found],
+    }
+
+
+@job(
+    "secrets.rotate",
+    queue="secrets",
+    soft_time_limit=ROTATE_TIME_LIMIT - 20,
+    time_limit=ROTATE_TIME_LIMIT,
+    retry=RetryPolicy(max_retries=3, backoff_base=30, backoff_cap=600),
+)
+def rotate_secret(*, path: str) -> dict[str, Any]:
+    """Rotate one secret with its rotator; a retry starts over with a fresh password."""
+    from monitoring import metrics
+
+    rt = runtime()
+    store = open_store(rt.settings, rt.engine)
+    meta = store.metadata(path)
+    rules = load_policy_rules(rt.settings.configuration_dir)
+    status = rotation_status(meta, rules, datetime.now(UTC))
+    if status.rotator != "postgres":
+        raise PermanentError(
+            f"{path}: rotator {status.rotator!r} is not one the fleet runs "
+            f"(known: {', '.join(ROTATORS)})"
+        )
+
+    def audit_event(action: str, subject: str, **details: Any) -> None:
+        with rt.sessions.begin() as session:
+            audit.record(session, action, subject, datetime.now(UTC), **details)
+
+    with job_locks(rt.redis, [f"secrets:rotate:{path}"], ttl=ROTATE_TIME_LIMIT + 60) as busy:
+        if busy is not None:
+            return skipped("another rotation of this secret is running", path=path)
+        try:
+            rotated = PostgresRotator(store, audit_event).rotate(path)
+        except TransientError as exc:
+            step = getattr(exc, "step", "store")
+            metrics.SECRET_ROTATIONS.labels("failed", step).inc()
+            log.error("secret_rotation_failed", path=path, step=step, reason=str(exc))
+            raise
+    rt.redis.delete(ENQUEUED_KEY + path)
+    metrics.SECRET_ROTATIONS.labels(rotated.outcome, "finish").inc()
+    log.info("secret_rotated", path=path, version=rotated.version, outcome=rotated.outcome)
+    return {"path": path, "version": rotated.version, "outcome": rotated.outcome}

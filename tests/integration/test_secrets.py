@@ -1,0 +1,368 @@
+"""secrets.check_rotation and secrets.rotate against real services: statuses and their
+audit trail, a store that is down, rotations of a real PostgreSQL role (a throwaway cluster
+that checks passwords) with a failure injected at every step, crashes resumed or undone,
+and no secret value anywhere it should not be."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+from prometheus_client import REGISTRY, generate_latest
+from sqlalchemy import select, text, update
+
+from tasks.secrets.rotate import STAGING, PostgresRotator, RotationFailed
+from tasks.secrets.stores import SecretStore, StoreUnavailable, open_store
+from tests.password_cluster import Cluster, password_cluster
+from tests.vault_double import vault_double
+from workers.celery_app import create_app
+from workers.db.models import FleetAuditLog, FleetSecretVersion, SecretRotationStatus, TaskRun
+from workers.logs import configure_logging
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+POLICIES = """
+policies:
+  - {path: "svc/*", rotation_interval_days: 30, notify_days: 7}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with password_cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def role(cluster: Cluster) -> dict[str, str]:
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    password = f"initial-{uuid.uuid4().hex}"
+    with cluster.admin() as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    return {
+        "username": name,
+        "password": password,
+        "host": cluster.host,
+        "port": str(cluster.port),
+        "database": "postgres",
+    }
+
+
+@pytest.fixture
+def app(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Celery]:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "rotation-policies.yaml").write_text(POLICIES)
+    settings = FleetSettings(
+        home=tmp_path, database_url=postgres_url, redis_url=redis_url, config_dir=config
+    )
+    rt = install(Runtime(settings))
+    application = create_app(rt)
+    yield application
+    application.close()
+    rt.close()
+
+
+def runtime_of(app: Celery) -> Runtime:
+    rt: Runtime = app.fleet_runtime
+    return rt
+
+
+def store_of(app: Celery) -> SecretStore:
+    rt = runtime_of(app)
+    return open_store(rt.settings, rt.engine)
+
+
+def backdate(app: Celery, path: str, days: int) -> None:
+    with runtime_of(app).engine.begin() as connection:
+        connection.execute(
+            update(FleetSecretVersion)
+            .where(FleetSecretVersion.path == f"platform/{path}")
+            .values(created_time=datetime.now(UTC) - timedelta(days=days))
+        )
+
+
+def put(app: Celery, path: str, data: dict[str, str], days: int = 0, **custom: str) -> None:
+    store = store_of(app)
+    store.write(path, data)
+    if custom:
+        store.set_custom_metadata(path, custom)
+    if days:
+        backdate(app, path, days)
+
+
+def run(app: Celery, name: str, **kwargs: Any) -> Any:
+    result = app.tasks[name].apply(kwargs=kwargs)
+    return result
+
+
+def test_check_rotation_sees_every_status_and_records_changes(
+    app: Celery, role: dict[str, str]
+) -> None:
+    put(app, "db/app", role, days=40, rotation_interval_days="30", rotator="postgres")
+    put(app, "apis/openai", {"api_key": "sk-1234567890"})
+    put(app, "svc/ftp", {"password": "ftp-pass-1"}, rotator="ftp")
+    put(app, "svc/reports", {"password": "rep-pass-1"}, days=25)
+    put(app, "svc/broken", {"password": "brk-pass-1"}, rotation_interval_days="soon")
+    first = run(app, "secrets.check_rotation").result
+    statuses = {s["path"]: s["status"] for s in first["secrets"]}
+    assert statuses == {
+        "db/app": "overdue",
+        "apis/openai": "unmanaged",
+        "svc/ftp": "error",
+        "svc/reports": "due_soon",
+        "svc/broken": "error",
+    }
+    reasons = {s["path"]: s["reason"] for s in first["secrets"]}
+    assert reasons["svc/ftp"] == "unknown rotator 'ftp' (known: postgres)"
+    assert "rotation_interval_days='soon'" in reasons["svc/broken"]
+    assert first["rotations_enqueued"] == ["db/app"]
+    assert first["counts"] == {"due_soon": 1, "error": 2, "overdue": 1, "unmanaged": 1}
+    rt = runtime_of(app)
+    queued = [json.loads(m) for m in rt.redis.lrange("secrets", 0, -1)]
+    assert [m["headers"]["task"] for m in queued] == ["secrets.rotate"]
+
+    second = run(app, "secrets.check_rotation").result
+    assert (second["status_changes"], second["rotations_enqueued"]) == (0, [])
+    with rt.sessions() as session:
+        changes = session.scalars(
+            select(FleetAuditLog).where(FleetAuditLog.action == "secret_status_changed")
+        ).all()
+        snapshot = {r.path: r for r in session.scalars(select(SecretRotationStatus))}
+    assert len(changes) == 5
+    assert snapshot["db/app"].due_at is not None and snapshot["db/app"].rotator == "postgres"
+    assert REGISTRY.get_sample_value("fleet_secrets", {"status": "error"}) == 2
+    assert REGISTRY.get_sample_value("fleet_secret_store_up") == 1
+    age = REGISTRY.get_sample_value("fleet_secret_age_seconds", {"path": "db/app"})
+    assert age is not None and 40 * 86400 - 60 < age < 40 * 86400 + 60
+
+
+def test_a_store_that_is_down_is_reported_without_a_traceback(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with vault_double("hvs.t") as (address, state):
+        settings = FleetSettings(
+            home=tmp_path,
+            database_url=postgres_url,
+            redis_url=redis_url,
+            vault_addr=address,
+            vault_token="hvs.t",
+        )
+        rt = install(Runtime(settings))
+        application = create_app(rt)
+        state.sealed = True
+        result = application.tasks["secrets.check_rotation"].apply()
+        assert result.successful()
+        assert result.result == {
+            "store": "vault",
+            "store_up": False,
+            "error": "vault: Vault is sealed",
+            "secrets": [],
+        }
+        assert REGISTRY.get_sample_value("fleet_secret_store_up") == 0
+        state.sealed = False
+        assert application.tasks["secrets.check_rotation"].apply().result["store_up"] is True
+        assert REGISTRY.get_sample_value("fleet_secret_store_up") == 1
+        rt.close()
+
+
+def stored_password(app: Celery, path: str = "db/app") -> str:
+    return store_of(app).read(path)["password"]
+
+
+def test_a_rotation_changes_the_role_and_the_store_together(
+    app: Celery, role: dict[str, str], cluster: Cluster
+) -> None:
+    put(app, "db/app", role, rotation_interval_days="30", rotator="postgres")
+    result = run(app, "secrets.rotate", path="db/app")
+    assert result.successful(), result.result
+    assert result.result == {"path": "db/app", "version": 2, "outcome": "rotated"}
+    new = stored_password(app)
+    assert new != role["password"] and len(new) >= 32
+    assert cluster.logs_in(role["username"], new)
+    assert not cluster.logs_in(role["username"], role["password"])
+    assert STAGING + "db/app" not in store_of(app).list_paths()
+    with runtime_of(app).sessions() as session:
+        steps = session.scalars(
+            select(FleetAuditLog.metadata_)
+            .where(FleetAuditLog.action == "secret_rotation_step")
+            .order_by(FleetAuditLog.id)
+        ).all()
+    assert [(s["step"], s["ok"]) for s in steps] == [
+        ("create", True),
+        ("set", True),
+        ("test", True),
+        ("finish", True),
+    ]
+
+
+class FailingStore:
+    """The real store, failing writes to the chosen path (a store write that fails)."""
+
+    def __init__(self, inner: SecretStore, fail_path: str) -> None:
+        self.inner = inner
+        self.fail_path = fail_path
+        self.name = inner.name
+
+    def write(self, path: str, data: Any, cas: int | None = None) -> int:
+        if path == self.fail_path:
+            raise StoreUnavailable("injected: store write failed")
+        return self.inner.write(path, data, cas)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def refusing(new_password_of: dict[str, str], alter: bool = False, login: bool = False) -> Any:
+    """psycopg.connect, except that ALTER ROLE fails or the new password cannot log in."""
+
+    def connect(**kwargs: Any) -> Any:
+        if (
+            login
+            and not kwargs.get("autocommit")
+            and kwargs["password"] == new_password_of.get("p")
+        ):
+            raise psycopg.OperationalError("injected: password authentication failed")
+        connection = psycopg.connect(**kwargs)
+        if alter and kwargs.get("autocommit"):
+            connection.close()
+            raise psycopg.errors.InsufficientPrivilege("injected: permission denied")
+        return connection
+
+    return connect
+
+
+@pytest.mark.parametrize("step", ["create", "set", "test", "finish"])
+def test_a_failure_at_any_step_leaves_one_working_password(
+    app: Celery, role: dict[str, str], cluster: Cluster, step: str
+) -> None:
+    put(app, "db/app", role, rotation_interval_days="30", rotator="postgres")
+    events: list[tuple[str, dict[str, Any]]] = []
+    seen: dict[str, str] = {}
+
+    def audit(action: str, _subject: str, **details: Any) -> None:
+        events.append((action, details))
+
+    real = store_of(app)
+    store: Any = real
+    connect: Any = psycopg.connect
+    if step == "create":
+        store = FailingStore(real, STAGING + "db/app")
+    elif step == "finish":
+        store = FailingStore(real, "db/app")
+    elif step == "set":
+        connect = refusing(seen, alter=True)
+    else:
+        connect = refusing(seen, login=True)
+    import tasks.secrets.rotate as rotate_module
+
+    original = rotate_module.new_password
+
+    def remembered() -> str:
+        seen["p"] = original()
+        return seen["p"]
+
+    rotate_module.new_password = remembered
+    try:
+        with pytest.raises(RotationFailed, match=f"step {step}"):
+            PostgresRotator(store, audit, connect).rotate("db/app")
+    finally:
+        rotate_module.new_password = original
+    # The invariant: the store's password is the role's, and nothing is left pending.
+    assert stored_password(app) == role["password"]
+    assert cluster.logs_in(role["username"], role["password"])
+    assert not cluster.logs_in(role["username"], seen["p"])
+    assert STAGING + "db/app" not in real.list_paths()
+    failed = [d for a, d in events if a == "secret_rotation_step" and not d["ok"]]
+    assert [d["step"] for d in failed] == [step]
+    rolled_back = [a for a, _ in events if a == "secret_rotation_rolled_back"]
+    assert rolled_back == (["secret_rotation_rolled_back"] if step in ("test", "finish") else [])
+    # A retry works, with a fresh password.
+    result = run(app, "secrets.rotate", path="db/app")
+    assert result.successful(), result.result
+    assert stored_password(app) not in (role["password"], seen["p"])
+    assert cluster.logs_in(role["username"], stored_password(app))
+
+
+def test_a_crash_after_the_role_changed_is_resumed(
+    app: Celery, role: dict[str, str], cluster: Cluster
+) -> None:
+    put(app, "db/app", role, rotation_interval_days="30", rotator="postgres")
+    store = store_of(app)
+    pending = "pending-password-from-a-dead-worker-0001"
+    store.write(STAGING + "db/app", {**role, "password": pending, "base_version": "1"}, cas=0)
+    with cluster.admin() as admin:
+        admin.execute(f"ALTER ROLE {role['username']} PASSWORD '{pending}'")
+    result = run(app, "secrets.rotate", path="db/app")
+    assert result.result == {"path": "db/app", "version": 2, "outcome": "resumed"}
+    assert stored_password(app) == pending
+    assert cluster.logs_in(role["username"], pending)
+    assert STAGING + "db/app" not in store.list_paths()
+
+
+def test_a_crash_before_the_role_changed_is_undone_then_rotated(
+    app: Celery, role: dict[str, str], cluster: Cluster
+) -> None:
+    put(app, "db/app", role, rotation_interval_days="30", rotator="postgres")
+    store = store_of(app)
+    store.write(
+        STAGING + "db/app", {**role, "password": "never-applied-0002", "base_version": "1"}, cas=0
+    )
+    result = run(app, "secrets.rotate", path="db/app")
+    assert result.result["outcome"] == "undone_then_rotated"
+    assert cluster.logs_in(role["username"], stored_password(app))
+    assert not cluster.logs_in(role["username"], "never-applied-0002")
+
+
+def test_a_second_rotation_of_the_same_path_waits_its_turn(
+    app: Celery, role: dict[str, str]
+) -> None:
+    from workers.locks import job_locks
+
+    put(app, "db/app", role, rotation_interval_days="30", rotator="postgres")
+    with job_locks(runtime_of(app).redis, ["secrets:rotate:db/app"], ttl=60):
+        result = run(app, "secrets.rotate", path="db/app")
+    assert result.result["skipped"] is True
+    assert stored_password(app) == role["password"]
+
+
+def test_no_secret_value_reaches_logs_rows_or_metrics(
+    app: Celery, role: dict[str, str], cluster: Cluster
+) -> None:
+    stream = io.StringIO()
+    configure_logging(level="DEBUG", log_format="json", stream=stream)
+    planted = [role["password"], "sk-planted-api-key-9876", "planted-svc-pass-5555"]
+    put(app, "db/app", role, days=40, rotation_interval_days="30", rotator="postgres")
+    put(app, "apis/openai", {"api_key": planted[1]})
+    put(app, "svc/legacy", {"password": planted[2]}, rotator="ftp")
+    run(app, "secrets.check_rotation")
+    run(app, "secrets.rotate", path="db/app")  # succeeds
+    run(app, "secrets.rotate", path="svc/legacy")  # unknown rotator: fails
+    with cluster.admin() as admin:  # a rotation that fails mid-way: the role is gone
+        admin.execute(f"DROP ROLE {role['username']}")
+    run(app, "secrets.rotate", path="db/app")
+    planted.append(stored_password(app))  # the rotated password too
+    rt = runtime_of(app)
+    with rt.engine.connect() as connection:
+        rows = []
+        for table in ("task_runs", "fleet_audit_log", "secret_rotation_status", "fleet_secrets"):
+            rows += [str(tuple(r)) for r in connection.execute(text(f"SELECT * FROM {table}"))]  # noqa: S608
+        runs = connection.execute(select(TaskRun.error, TaskRun.result, TaskRun.args)).all()
+    haystacks = {
+        "logs": stream.getvalue(),
+        "rows": "\n".join(rows),
+        "metrics": generate_latest(REGISTRY).decode(),
+        "runs": str(runs),
+    }
+    assert any("secret_rotation_failed" in line for line in stream.getvalue().splitlines())
+    for where, haystack in haystacks.items():
+        for value in planted:
+            assert value not in haystack, f"a secret value reached the {where}"
