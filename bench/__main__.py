@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS: tuple[str, ...] = ("bench.fires", "bench.drift", "bench.impressions", "bench.secrets")
+BENCHMARKS: tuple[str, ...] = (
+    "bench.fires",
+    "bench.drift",
+    "bench.impressions",
+    "bench.secrets",
+    "bench.audit",
+)
 
 
 def main(names: list[str]) -> None:

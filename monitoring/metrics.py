@@ -140,6 +140,42 @@ SECRET_ROTATIONS = Counter(
     ["outcome", "step"],
 )
 
+# Audit shipping --------------------------------------------------------------------------
+
+AUDIT_SHIPPED = Counter(
+    "fleet_audit_events_shipped",
+    "Audit events delivered to a sink and committed, by source table and sink.",
+    ["source", "sink"],
+)
+AUDIT_LAG = Gauge(
+    "fleet_audit_ship_lag_seconds",
+    "Age of the oldest audit event a sink has not received yet (0 when caught up).",
+    ["source", "sink"],
+    multiprocess_mode="mostrecent",
+)
+AUDIT_BACKLOG = Gauge(
+    "fleet_audit_backlog_events",
+    "Audit events a sink has not received yet.",
+    ["source", "sink"],
+    multiprocess_mode="mostrecent",
+)
+AUDIT_SINK_UP = Gauge(
+    "fleet_audit_sink_up",
+    "1 when the sink confirmed the last shipment; 0 when down or stopped after a refusal.",
+    ["sink"],
+    multiprocess_mode="mostrecent",
+)
+AUDIT_SINK_ERRORS = Counter(
+    "fleet_audit_sink_errors",
+    "Shipments a sink did not confirm: unavailable (retried later) or refused (sink stopped).",
+    ["sink", "kind"],
+)
+AUDIT_MALFORMED = Counter(
+    "fleet_audit_malformed_events",
+    "Source rows shipped as raw text because their metadata is not JSON.",
+    ["source"],
+)
+
 # Read from Redis at scrape time (BacklogCollector), so they show with no worker running.
 QUEUE_DEPTH_NAME = "fleet_queue_depth"
 QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."

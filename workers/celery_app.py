@@ -27,6 +27,7 @@ JOB_MODULES: tuple[str, ...] = (
     "tasks.drift",
     "tasks.impressions",
     "tasks.secrets",
+    "tasks.audit",
 )
 
 

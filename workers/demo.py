@@ -48,7 +48,12 @@ _SERVICE_VARIABLES = (
     "FLEET_CONFIG_DIR",
 )
 # Each job family's part of the demo, found by module name (each has ``act()``).
-ACT_MODULES: tuple[str, ...] = ("tasks.drift.demo", "tasks.impressions.demo", "tasks.secrets.demo")
+ACT_MODULES: tuple[str, ...] = (
+    "tasks.drift.demo",
+    "tasks.impressions.demo",
+    "tasks.secrets.demo",
+    "tasks.audit.demo",
+)
 # Jobs the demo must see succeed, and how many times, besides what the acts expect.
 EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}
 

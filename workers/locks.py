@@ -1,16 +1,18 @@
 """Redis locks for jobs that must not overlap (one drift run per environment, say).
 
-A lock has a TTL above the job's hard time limit, so a worker killed while holding one
-frees it by expiry. Acquisition never waits: a second run skips and says so.
+Acquisition never waits: a second run skips and says so. A held lock is renewed in the
+background while its holder lives, so its TTL can stay short: a worker killed while holding
+one frees it within ``ttl`` seconds, not at the end of the job's time limit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 PREFIX = "fleet:lock:"
 
@@ -21,22 +23,40 @@ def job_locks(client: redis.Redis, names: Sequence[str], ttl: float) -> Iterator
     of the first lock another run holds (nothing is held then)."""
     held: list[redis.lock.Lock] = []
     busy: str | None = None
+    for name in sorted(set(names)):
+        # Not thread-local: the renewal thread must see the token the holder acquired with.
+        lock = client.lock(PREFIX + name, timeout=ttl, blocking=False, thread_local=False)
+        if not lock.acquire(blocking=False):
+            busy = name
+            break
+        held.append(lock)
+    if busy is not None:
+        _release(held)
+        held = []
+    stop = threading.Event()
+    renewer = None
+    if held:
+        renewer = threading.Thread(
+            target=_renew, args=(held, ttl, stop), daemon=True, name="lock-renewal"
+        )
+        renewer.start()
     try:
-        for name in sorted(set(names)):
-            lock = client.lock(PREFIX + name, timeout=ttl, blocking=False)
-            if not lock.acquire(blocking=False):
-                busy = name
-                break
-            held.append(lock)
-        if busy is not None:
-            _release(held)
-            held = []
         yield busy
     finally:
+        stop.set()
+        if renewer is not None:
+            renewer.join(timeout=5)
         _release(held)
+
+
+def _renew(locks: list[redis.lock.Lock], ttl: float, stop: threading.Event) -> None:
+    while not stop.wait(ttl / 3):
+        for lock in locks:
+            with contextlib.suppress(LockError, RedisError):  # lost: the next run will see
+                lock.reacquire()
 
 
 def _release(locks: list[redis.lock.Lock]) -> None:
     for lock in reversed(locks):
-        with contextlib.suppress(LockError):  # expired: someone else may hold it now
+        with contextlib.suppress(LockError, RedisError):  # expired: someone may hold it now
             lock.release()

@@ -107,6 +107,14 @@ class FleetSettings(BaseSettings):
     impressions_inflight_timeout: timedelta = timedelta(minutes=2)
     impressions_minute_retention: timedelta = timedelta(days=7)
 
+    # Audit shipping.
+    audit_hmac_key: SecretStr | None = Field(default=None, repr=False)
+    audit_checkpoint_interval: timedelta = timedelta(hours=1)
+    audit_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    # Per HTTP sink, headers to send (tokens live here, never in audit-sinks.yaml):
+    # {"siem": {"Authorization": "Bearer ..."}}
+    audit_sink_headers: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
+
     # Scheduler: how long a fire's claim is remembered, and how long a replica that
     # claimed a fire has to enqueue it before another replica takes the fire over.
     fire_claim_ttl: int = Field(default=86400, gt=0)
@@ -118,6 +126,11 @@ class FleetSettings(BaseSettings):
         "vault_addr",
         "vault_token",
         "vault_token_file",
+        "vault_role_id",
+        "vault_secret_id",
+        "vault_namespace",
+        "secret_key",
+        "audit_hmac_key",
         "prometheus_url",
         "config_dir",
         "schedule_file",
@@ -132,6 +145,7 @@ class FleetSettings(BaseSettings):
         "impressions_future_skew",
         "impressions_inflight_timeout",
         "impressions_minute_retention",
+        "audit_checkpoint_interval",
         mode="before",
     )
     @classmethod
@@ -241,9 +255,11 @@ class FleetSettings(BaseSettings):
         found = [url_password(self.database_url), url_password(self.redis_url)]
         with contextlib.suppress(OSError):
             found.append(self.vault_token_value())
-        for secret in (self.vault_secret_id, self.secret_key):
+        for secret in (self.vault_secret_id, self.secret_key, self.audit_hmac_key):
             if secret is not None:
                 found.append(secret.get_secret_value())
+        for headers in self.audit_sink_headers.values():
+            found.extend(headers.values())
         return [value for value in found if value]
 
     def describe(self) -> dict[str, Any]:

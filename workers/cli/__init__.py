@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tasks.drift.cli",
     "tasks.impressions.cli",
     "tasks.secrets.cli",
+    "tasks.audit.cli",
 )
 
 

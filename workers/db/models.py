@@ -375,3 +375,30 @@ class SecretRotationStatus(Base):
     rotator: Mapped[str | None] = mapped_column(String(64))
     owner: Mapped[str | None] = mapped_column(String(256))
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditCursor(Base):
+    """How far a sink has confirmed a source (the last shipped id)."""
+
+    __tablename__ = "audit_cursors"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sink: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditSinkState(Base):
+    """A sink's hash chain head and, for file sinks, the committed file and byte offset:
+    written in the same transaction as the cursors, after the sink confirmed the batch."""
+
+    __tablename__ = "audit_sink_state"
+
+    sink: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    segment: Mapped[str | None] = mapped_column(String(256))
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

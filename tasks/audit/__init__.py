@@ -1,0 +1,336 @@
+"""``audit.ship``: every audit event delivered to every sink, in order, tamper-evident.
+
+For each sink (one shipper per sink at a time), each source table is read in id order
+from the sink's cursor, rendered (sensitive values replaced by an HMAC), chained, delivered,
+and only then are the cursor and the chain head (with the file sink's committed offset)
+written, in one transaction. A sink that fails holds its cursors; one that refuses is
+stopped until an operator resumes it. Checkpoints sign the chain head periodically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+from sqlalchemy import DateTime, Table, func, select
+from sqlalchemy.orm import Session
+
+from tasks.audit.events import GENESIS, SOURCES, Chain, Protector, render_values
+from tasks.audit.sinks import (
+    AuditSink,
+    FileSink,
+    HttpSink,
+    SinkRefused,
+    SinkUnavailable,
+    _FileConfig,
+    _HttpConfig,
+    load_sinks,
+)
+from workers.db.models import (
+    AuditCursor,
+    AuditSinkState,
+    ConfigurationAuditLog,
+    FeatureFlagAuditLog,
+    FleetAuditLog,
+    UTCDateTime,
+)
+from workers.jobs import PermanentError, RetryPolicy, job
+from workers.locks import job_locks
+from workers.logs import get_logger, register_secret
+from workers.runtime import Runtime, runtime
+from workers.settings import FleetSettings
+
+log = get_logger("fleet.audit")
+
+TABLES: dict[str, Table] = {
+    "configuration_audit_log": ConfigurationAuditLog.__table__,  # type: ignore[dict-item]
+    "feature_flag_audit_log": FeatureFlagAuditLog.__table__,  # type: ignore[dict-item]
+    "fleet_audit_log": FleetAuditLog.__table__,  # type: ignore[dict-item]
+}
+TIME_LIMIT = 300
+LOCK_TTL = 20  # renewed while the shipper lives; a killed one frees the sink within this
+
+
+def hmac_key(settings: FleetSettings) -> bytes:
+    """FLEET_AUDIT_HMAC_KEY, else a key generated once into FLEET_HOME/audit-hmac.key."""
+    if settings.audit_hmac_key is not None:
+        return settings.audit_hmac_key.get_secret_value().encode()
+    path = settings.home / "audit-hmac.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(os.urandom(32).hex())
+    key = path.read_text().strip()
+    register_secret(key)
+    return key.encode()
+
+
+def open_sink(settings: FleetSettings, config: _FileConfig | _HttpConfig) -> AuditSink:
+    if isinstance(config, _FileConfig):
+        directory = Path(config.path)
+        if not directory.is_absolute():
+            directory = settings.home / directory
+        return FileSink(config.name, directory, config.max_bytes)
+    return HttpSink(config, settings.audit_sink_headers.get(config.name, {}))
+
+
+@dataclass
+class SinkRun:
+    shipped: dict[str, int] = field(default_factory=dict)
+    checkpoints: int = 0
+    malformed: int = 0
+    error: str | None = None
+    stopped: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shipped": self.shipped,
+            "checkpoints": self.checkpoints,
+            "malformed": self.malformed,
+            "error": self.error,
+            "stopped": self.stopped,
+        }
+
+
+def _state(session: Session, sink: str, now: datetime) -> AuditSinkState:
+    state = session.get(AuditSinkState, sink)
+    if state is None:
+        state = AuditSinkState(
+            sink=sink, seq=0, head_hash=GENESIS, segment=None, offset=0, updated_at=now
+        )
+        session.add(state)
+        session.flush()
+    return state
+
+
+def _cursor(session: Session, source: str, sink: str, now: datetime) -> AuditCursor:
+    cursor = session.get(AuditCursor, (source, sink))
+    if cursor is None:
+        cursor = AuditCursor(source=source, sink=sink, last_id=0, updated_at=now)
+        session.add(cursor)
+        session.flush()
+    return cursor
+
+
+def _page(
+    session: Session, table: Table, columns: list[str], after: int, limit: int
+) -> Sequence[Sequence[Any]]:
+    """The next rows after id ``after``. On PostgreSQL straight from psycopg (tuples,
+    timestamps in UTC): the shipper's hot path skips SQLAlchemy's row processing."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        query = select(table).where(table.c.id > after).order_by(table.c.id).limit(limit)
+        return connection.execute(query).all()
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    names = sql.SQL(", ").join(sql.Identifier(name) for name in columns)
+    with raw.cursor() as cursor:
+        cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+        cursor.execute(
+            sql.SQL("SELECT {} FROM {} WHERE id > %s ORDER BY id LIMIT %s").format(
+                names, sql.Identifier(table.name)
+            ),
+            (after, limit),
+        )
+        rows: Sequence[Sequence[Any]] = cursor.fetchall()
+        return rows
+
+
+class Shipper:
+    """Ships one sink; the caller holds the sink's lock."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        sink: AuditSink,
+        protector: Protector,
+        key: bytes,
+        batch_size: int,
+        deadline: float,
+    ) -> None:
+        self.rt = rt
+        self.sink = sink
+        self.protector = protector
+        self.key = key
+        self.batch_size = batch_size
+        self.deadline = deadline
+        self.run = SinkRun()
+
+    def ship(self) -> SinkRun:
+        from monitoring import metrics
+
+        with self.rt.sessions.begin() as session:
+            state = _state(session, self.sink.name, datetime.now(UTC))
+            if state.stopped_reason:
+                self.run.stopped = state.stopped_reason
+                metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
+                return self.run
+            self.sink.recover(state.segment, state.offset)
+        try:
+            for source in SOURCES:
+                while time.monotonic() < self.deadline and self._batch(source):
+                    pass
+            self._checkpoint_if_due(force=False)
+        except SinkUnavailable as exc:
+            self.run.error = str(exc)
+            metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
+            metrics.AUDIT_SINK_ERRORS.labels(self.sink.name, "unavailable").inc()
+            log.error("audit_sink_unavailable", sink=self.sink.name, reason=str(exc))
+            return self.run
+        except SinkRefused as exc:
+            self._stop(str(exc))
+            return self.run
+        metrics.AUDIT_SINK_UP.labels(self.sink.name).set(1)
+        return self.run
+
+    def _stop(self, reason: str) -> None:
+        from monitoring import metrics
+
+        with self.rt.sessions.begin() as session:
+            _state(session, self.sink.name, datetime.now(UTC)).stopped_reason = reason
+        self.run.stopped = reason
+        metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
+        metrics.AUDIT_SINK_ERRORS.labels(self.sink.name, "refused").inc()
+        log.error(
+            "audit_sink_stopped",
+            sink=self.sink.name,
+            reason=reason,
+            resume=f"fleet audit resume {self.sink.name}",
+        )
+
+    def _batch(self, source: str) -> bool:
+        """Ship one batch of ``source``; False when there was nothing to ship."""
+        from monitoring import metrics
+
+        table = TABLES[source]
+        now = datetime.now(UTC)
+        with self.rt.sessions.begin() as session:
+            cursor = _cursor(session, source, self.sink.name, now)
+            columns = list(table.c.keys())
+            stamps = [c.key for c in table.c if isinstance(c.type, DateTime | UTCDateTime)]
+            rows = _page(session, table, columns, cursor.last_id, self.batch_size)
+            if not rows:
+                return False
+            state = _state(session, self.sink.name, now)
+            chain = Chain(state.seq, state.head_hash)
+            events, chained = [], []
+            for row in rows:
+                rendered = render_values(source, columns, row, self.protector, stamps)
+                if rendered.malformed:
+                    self.run.malformed += 1
+                    metrics.AUDIT_MALFORMED.labels(source).inc()
+                events.append(rendered.event)
+                chained.append(chain.link(rendered.event))
+            if self._due(state, now):
+                checkpoint = chain.checkpoint(self.key, now, self.sink.name)
+                events.append(checkpoint.event)
+                chained.append(checkpoint.line)
+                state.last_checkpoint_at = now
+                self.run.checkpoints += 1
+            # Confirmed by the sink, then (and only then) committed with the cursor.
+            state.segment, state.offset = self.sink.deliver(
+                events, b"".join(chained), state.segment, state.offset, now
+            )
+            state.seq, state.head_hash, state.updated_at = chain.seq, chain.head, now
+            cursor.last_id, cursor.updated_at = int(rows[-1][0]), now
+        self.run.shipped[source] = self.run.shipped.get(source, 0) + len(rows)
+        metrics.AUDIT_SHIPPED.labels(source, self.sink.name).inc(len(rows))
+        return True
+
+    def _due(self, state: AuditSinkState, now: datetime) -> bool:
+        interval = self.rt.settings.audit_checkpoint_interval
+        return state.last_checkpoint_at is None or now - state.last_checkpoint_at >= interval
+
+    def _checkpoint_if_due(self, force: bool) -> None:
+        now = datetime.now(UTC)
+        with self.rt.sessions.begin() as session:
+            state = _state(session, self.sink.name, now)
+            if state.seq == 0 or not (force or self._due(state, now)):
+                return
+            chain = Chain(state.seq, state.head_hash)
+            checkpoint = chain.checkpoint(self.key, now, self.sink.name)
+            state.segment, state.offset = self.sink.deliver(
+                [checkpoint.event], checkpoint.line, state.segment, state.offset, now
+            )
+            state.seq, state.head_hash = chain.seq, chain.head
+            state.last_checkpoint_at = state.updated_at = now
+        self.run.checkpoints += 1
+
+
+def record_backlog(rt: Runtime, sinks: list[str], now: datetime) -> dict[str, dict[str, int]]:
+    """Events not yet shipped and the age of the oldest, per source and sink."""
+    from monitoring import metrics
+
+    backlog: dict[str, dict[str, int]] = {}
+    with rt.sessions() as session:
+        for source, table in TABLES.items():
+            for sink in sinks:
+                cursor = session.get(AuditCursor, (source, sink))
+                last = cursor.last_id if cursor else 0
+                waiting = (
+                    session.scalar(select(func.count()).select_from(table).where(table.c.id > last))
+                    or 0
+                )
+                oldest = session.scalar(
+                    select(func.min(table.c.timestamp)).where(table.c.id > last)
+                )
+                lag = (now - oldest).total_seconds() if oldest is not None else 0.0
+                metrics.AUDIT_BACKLOG.labels(source, sink).set(waiting)
+                metrics.AUDIT_LAG.labels(source, sink).set(max(0.0, lag))
+                backlog.setdefault(sink, {})[source] = int(waiting)
+    return backlog
+
+
+def ship(rt: Runtime, sink: str | None = None, budget_seconds: float = 240.0) -> dict[str, Any]:
+    """Ship the audit tables to every configured sink (or one), until caught up."""
+    config = load_sinks(rt.settings.configuration_dir)
+    chosen = [c for c in config.sinks if sink is None or c.name == sink]
+    if sink is not None and not chosen:
+        raise PermanentError(
+            f"audit.ship: no sink named {sink!r} "
+            f"(configured: {', '.join(c.name for c in config.sinks)})"
+        )
+    key = hmac_key(rt.settings)
+    protector = (
+        Protector(key, config.sensitive_keys)
+        if config.sensitive_keys is not None
+        else Protector(key)
+    )
+    deadline = time.monotonic() + budget_seconds
+    results: dict[str, Any] = {}
+    for sink_config in chosen:
+        target = open_sink(rt.settings, sink_config)
+        with job_locks(rt.redis, [f"audit:{target.name}"], ttl=LOCK_TTL) as busy:
+            if busy is not None:
+                results[target.name] = {"skipped": "another shipper holds this sink"}
+                continue
+            results[target.name] = (
+                Shipper(rt, target, protector, key, rt.settings.audit_batch_size, deadline)
+                .ship()
+                .as_dict()
+            )
+    backlog = record_backlog(rt, [c.name for c in chosen], datetime.now(UTC))
+    for name, outcome in results.items():
+        if isinstance(outcome, dict) and "shipped" in outcome:
+            outcome["backlog"] = backlog.get(name, {})
+    log.info("audit_shipped", sinks=results)
+    return {"sinks": results}
+
+
+@job(
+    "audit.ship",
+    queue="audit",
+    soft_time_limit=TIME_LIMIT - 30,
+    time_limit=TIME_LIMIT,
+    retry=RetryPolicy(max_retries=2, backoff_base=5, backoff_cap=60),
+)
+def ship_audit(*, sink: str | None = None, budget_seconds: float = 240.0) -> dict[str, Any]:
+    """Ship the audit tables to every configured sink (or one), until caught up."""
+    return ship(runtime(), sink, budget_seconds)

@@ -1,0 +1,254 @@
+"""Where audit events go: a JSONL file sink and an HTTP sink, configured in
+``FLEET_CONFIG_DIR/audit-sinks.yaml``.
+
+A sink confirms a batch by returning from :meth:`deliver`; only then does the shipper move
+its cursors. The file sink writes at the committed offset of its current segment and
+``fsync``\\ s, so that on start (:meth:`FileSink.recover`) it can cut away whatever a crash
+left after the last commit: it ends at exactly the committed events. The HTTP sink is
+at-least-once (a crash between delivery and commit sends the batch again, with the same
+``event_id``\\ s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.errors import FleetError
+from workers.jobs import TransientError
+from workers.yamlio import load_yaml
+
+
+class SinkUnavailable(TransientError):
+    """The sink did not confirm (down, timing out, 5xx, 408, 429): try again later."""
+
+
+class SinkRefused(FleetError):
+    """A permanent refusal (4xx): the sink is stopped until an operator resumes it."""
+
+
+class SinkConfigError(FleetError):
+    pass
+
+
+class _FileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,64}$")
+    type: Literal["file"]
+    path: str
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+
+class _HttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,64}$")
+    type: Literal["http"]
+    url: str = Field(pattern=r"^https?://")
+    format: Literal["jsonl", "loki"] = "jsonl"
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=30.0, gt=0)
+
+
+class _SinksFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sensitive_keys: list[str] | None = None
+    sinks: list[_FileConfig | _HttpConfig] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    sinks: list[_FileConfig | _HttpConfig]
+    sensitive_keys: list[str] | None
+
+
+def load_sinks(config_dir: Path) -> SinksConfig:
+    path = config_dir / "audit-sinks.yaml"
+    try:
+        document = load_yaml(path.read_text())
+    except OSError:
+        raise SinkConfigError(f"{path}: cannot be read (no audit sinks configured)") from None
+    except Exception as exc:
+        raise SinkConfigError(f"{path}: not valid YAML ({type(exc).__name__})") from None
+    try:
+        parsed = _SinksFile.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise SinkConfigError(f"{path}: {where}: {error['msg']}") from None
+    names = [sink.name for sink in parsed.sinks]
+    if len(set(names)) != len(names):
+        raise SinkConfigError(f"{path}: sink names must be unique")
+    return SinksConfig(parsed.sinks, parsed.sensitive_keys)
+
+
+class AuditSink(Protocol):
+    name: str
+
+    def recover(self, segment: str | None, offset: int) -> None:
+        """Bring the sink back to the last committed position (file sinks)."""
+
+    def deliver(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        data: bytes,
+        segment: str | None,
+        offset: int,
+        now: datetime,
+    ) -> tuple[str | None, int]:
+        """Write and confirm; returns the new committed position."""
+
+
+_SEGMENT = re.compile(r"^audit-(\d{8})-(\d{6})\.jsonl$")
+
+
+class FileSink:
+    def __init__(self, name: str, directory: Path, max_bytes: int) -> None:
+        self.name = name
+        self.directory = directory
+        self.max_bytes = max_bytes
+
+    def _segments(self) -> list[Path]:
+        return sorted(p for p in self.directory.glob("audit-*.jsonl") if _SEGMENT.match(p.name))
+
+    def recover(self, segment: str | None, offset: int) -> None:
+        """Delete what follows the committed position: segments made after it, bytes after
+        the committed offset of its segment."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self._segments():
+            if segment is None or path.name > segment:
+                path.unlink()
+        if segment is not None:
+            path = self.directory / segment
+            if not path.exists():
+                raise FleetError(f"audit sink {self.name}: committed segment {path} is missing")
+            if path.stat().st_size > offset:
+                with open(path, "r+b") as handle:
+                    handle.truncate(offset)
+                    os.fsync(handle.fileno())
+
+    def _next_segment(self, now: datetime) -> str:
+        """Numbered across days, so that name order is chain order."""
+        last = self._segments()
+        match = _SEGMENT.match(last[-1].name) if last else None
+        number = int(match.group(2)) + 1 if match else 1
+        return f"audit-{now:%Y%m%d}-{number:06d}.jsonl"
+
+    def deliver(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        data: bytes,
+        segment: str | None,
+        offset: int,
+        now: datetime,
+    ) -> tuple[str | None, int]:
+        day_changed = segment is not None and not segment.startswith(f"audit-{now:%Y%m%d}-")
+        too_big = segment is not None and offset > 0 and offset + len(data) > self.max_bytes
+        if segment is None or day_changed or too_big:
+            segment, offset = self._next_segment(now), 0
+            (self.directory / segment).touch()
+            _fsync_directory(self.directory)
+        with open(self.directory / segment, "r+b") as handle:
+            handle.seek(offset)
+            handle.write(data)
+            handle.truncate()
+            handle.flush()
+            os.fsync(handle.fileno())
+        return segment, offset + len(data)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class HttpSink:
+    def __init__(
+        self,
+        config: _HttpConfig,
+        headers: Mapping[str, str],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.sleep = sleep
+        self.client = httpx.Client(timeout=config.timeout_seconds, headers=dict(headers))
+
+    def recover(self, segment: str | None, offset: int) -> None:
+        return None
+
+    def _body(self, events: Sequence[Mapping[str, Any]], data: bytes) -> tuple[bytes, str]:
+        if self.config.format == "jsonl":
+            return data, "application/x-ndjson"
+        streams: dict[str, list[list[str]]] = {}
+        now_ns = str(time.time_ns())
+        for event, line in zip(events, data.splitlines(), strict=True):
+            stamp = event.get("timestamp")
+            nanos = now_ns
+            if isinstance(stamp, str):
+                with contextlib.suppress(ValueError):
+                    nanos = str(int(datetime.fromisoformat(stamp).timestamp() * 1e9))
+            streams.setdefault(str(event.get("source")), []).append([nanos, line.decode()])
+        body = {
+            "streams": [
+                {
+                    "stream": {"job": "config-fleet-audit", "sink": self.name, "source": source},
+                    "values": values,
+                }
+                for source, values in streams.items()
+            ]
+        }
+        return orjson.dumps(body), "application/json"
+
+    def deliver(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        data: bytes,
+        segment: str | None,
+        offset: int,
+        now: datetime,
+    ) -> tuple[str | None, int]:
+        body, content_type = self._body(events, data)
+        attempt, last = 0, "no attempt"
+        while attempt < self.config.max_attempts:
+            if attempt:
+                ceiling = min(
+                    self.config.backoff_cap_seconds,
+                    self.config.backoff_base_seconds * 2 ** (attempt - 1),
+                )
+                self.sleep(random.uniform(0, ceiling))
+            attempt += 1
+            try:
+                response = self.client.post(
+                    self.config.url, content=body, headers={"Content-Type": content_type}
+                )
+            except httpx.TimeoutException:
+                last = "timeout"
+                continue
+            except httpx.TransportError as exc:
+                last = f"unreachable ({type(exc).__name__})"
+                continue
+            if 200 <= response.status_code < 300:
+                return segment, offset
+            if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                raise SinkRefused(
+                    f"audit sink {self.name}: refused with HTTP {response.status_code}"
+                )
+            last = f"HTTP {response.status_code}"
+        raise SinkUnavailable(f"audit sink {self.name}: {last} after {attempt} attempts")

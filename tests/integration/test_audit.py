@@ -1,0 +1,371 @@
+"""audit.ship against real PostgreSQL: order, exactly once in files under SIGKILL, an HTTP
+receiver that fails and recovers, a refusing sink, sensitive values, metrics, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import insert
+
+from tasks.audit import hmac_key, ship
+from tasks.audit.verify import verify
+from tests.helpers import ROOT, run_fleet
+from workers.audit import record
+from workers.db.models import ConfigurationAuditLog, FeatureFlagAuditLog
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+FILE_SINK = "sinks:\n  - {name: archive, type: file, path: %s, max_bytes: 4096}\n"
+
+
+def config_with(tmp_path: Path, text: str) -> Path:
+    config = tmp_path / "config"
+    config.mkdir(exist_ok=True)
+    (config / "audit-sinks.yaml").write_text(text)
+    return config
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    return tmp_path / "archive"
+
+
+@pytest.fixture
+def rt(postgres_url: str, redis_url: str, tmp_path: Path, archive: Path) -> Iterator[Runtime]:
+    config = config_with(tmp_path, FILE_SINK % archive)
+    runtime = install(
+        Runtime(
+            FleetSettings(
+                home=tmp_path / "home",
+                database_url=postgres_url,
+                redis_url=redis_url,
+                config_dir=config,
+                audit_batch_size=50,
+            )
+        )
+    )
+    yield runtime
+    runtime.close()
+
+
+def add_events(
+    rt: Runtime,
+    count: int,
+    start: int = 0,
+    sensitive_every: int = 0,
+    malformed: set[int] | None = None,
+) -> None:
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(start, start + count):
+        metadata = (
+            "{not json"
+            if malformed and i in malformed
+            else json.dumps({"value": f"model-{i}", "password": f"pw-{i}", "note": f"change {i}"})
+        )
+        rows.append(
+            {
+                "action": "SET",
+                "key": f"key.{i}",
+                "environment": "production",
+                "scope": "environment",
+                "tenant_id": None,
+                "version": f"v{i}",
+                "user_id": "admin",
+                "timestamp": now,
+                "checksum": "c",
+                "sensitive": bool(sensitive_every and i % sensitive_every == 0),
+                "metadata": metadata,
+            }
+        )
+    with rt.engine.begin() as connection:
+        connection.execute(insert(ConfigurationAuditLog.__table__), rows)
+        connection.execute(
+            insert(FeatureFlagAuditLog.__table__),
+            [
+                {
+                    "flag_key": "new_ui_enabled",
+                    "action": "UPDATE",
+                    "user_id": "admin",
+                    "timestamp": now,
+                    "metadata": json.dumps({"n": i}),
+                }
+                for i in range(start, start + 3)
+            ],
+        )
+    with rt.sessions.begin() as session:
+        record(session, "canary_verdict", "deploy-1", now, verdict="pass")
+
+
+def shipped(archive: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for path in sorted(archive.glob("*.jsonl"))
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+def ids(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event_id"] for e in events if e["source"] != "checkpoint"]
+
+
+def assert_exactly_once_in_order(got: list[str], expected: list[str]) -> None:
+    """Every event once; within each source in id order (sources interleave by run)."""
+    assert len(got) == len(set(got)), "an event was shipped twice"
+    assert sorted(got) == sorted(expected), "an event is missing"
+    for source in {i.split(":")[0] for i in expected}:
+        numbers = [int(i.split(":")[1]) for i in got if i.startswith(source + ":")]
+        assert numbers == sorted(numbers), f"{source} out of order"
+
+
+def expected_ids(config_rows: int, flag_rows: int, fleet_rows: int) -> list[str]:
+    return (
+        [f"configuration_audit_log:{i}" for i in range(1, config_rows + 1)]
+        + [f"feature_flag_audit_log:{i}" for i in range(1, flag_rows + 1)]
+        + [f"fleet_audit_log:{i}" for i in range(1, fleet_rows + 1)]
+    )
+
+
+def test_every_event_shipped_in_order_and_verified(rt: Runtime, archive: Path) -> None:
+    add_events(rt, 120, sensitive_every=4, malformed={7})
+    result = ship(rt)["sinks"]["archive"]
+    assert result["shipped"] == {
+        "configuration_audit_log": 120,
+        "feature_flag_audit_log": 3,
+        "fleet_audit_log": 1,
+    }
+    assert result["malformed"] == 1 and result["checkpoints"] == 1
+    events = shipped(archive)
+    assert ids(events) == expected_ids(120, 3, 1)
+    assert len(list(archive.glob("*.jsonl"))) > 1  # rotated by size
+    verdict = verify([archive], hmac_key(rt.settings))
+    assert verdict.ok, verdict.problem
+    text = "".join(path.read_text() for path in archive.glob("*.jsonl"))
+    assert "pw-" not in text  # password keys: always an HMAC
+    assert '"model-4"' not in text and '"model-5"' in text  # values: hashed when sensitive
+    bad = next(e for e in events if e["event_id"] == "configuration_audit_log:8")
+    assert (bad["raw"], bad["error"]) == ("{not json", "metadata is not valid JSON")
+    # A second run ships only what is new, continuing the same chain.
+    add_events(rt, 10, start=120)
+    again = ship(rt)["sinks"]["archive"]
+    assert again["shipped"]["configuration_audit_log"] == 10
+    assert verify([archive], hmac_key(rt.settings)).ok
+    assert (
+        REGISTRY.get_sample_value(
+            "fleet_audit_backlog_events", {"source": "configuration_audit_log", "sink": "archive"}
+        )
+        == 0
+    )
+    assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "archive"}) == 1
+
+
+def shipper_env(postgres_url: str, redis_url: str, tmp_path: Path, config: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        FLEET_DATABASE_URL=postgres_url,
+        FLEET_REDIS_URL=redis_url,
+        FLEET_HOME=str(tmp_path / "home"),
+        FLEET_CONFIG_DIR=str(config),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def test_sigkill_between_write_and_commit_never_duplicates(
+    rt: Runtime, archive: Path, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    env = shipper_env(postgres_url, redis_url, tmp_path, tmp_path / "config")
+    total = 0
+    for trial in range(6):
+        add_events(rt, 150, start=total)
+        total += 150
+        killed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.audit_shipper",
+                "--die-after-batch",
+                str(1 + trial % 3),
+                "--batch-size",
+                "40",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        rt.redis.delete("fleet:lock:audit:archive")  # its lock expiring (20 s), without waiting
+        ship(rt)
+        assert_exactly_once_in_order(
+            ids(shipped(archive)), expected_ids(total, 3 * (trial + 1), trial + 1)
+        )
+        assert verify([archive], hmac_key(rt.settings)).ok
+
+
+def test_random_sigkills_while_shipping(
+    rt: Runtime, archive: Path, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    import random
+
+    env = shipper_env(postgres_url, redis_url, tmp_path, tmp_path / "config")
+    rng = random.Random(3)
+    add_events(rt, 3000)
+    for _ in range(4):
+        shipper = subprocess.Popen(
+            [sys.executable, "-m", "tests.audit_shipper", "--batch-size", "25"],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.8, 1.6))  # let it get going, then kill it wherever it is
+        shipper.send_signal(signal.SIGKILL)
+        shipper.wait(30)
+        rt.redis.delete("fleet:lock:audit:archive")  # its lock expiring, without waiting
+    ship(rt)
+    assert ids(shipped(archive)) == expected_ids(3000, 3, 1)
+    assert verify([archive], hmac_key(rt.settings)).ok
+
+
+class Receiver:
+    """An HTTP sink on loopback: fails, times out, then takes everything."""
+
+    def __init__(self, plan: list[str]) -> None:
+        self.plan = plan  # per request: "500", "timeout", "400", else 204
+        self.received: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.headers.append(dict(self.headers))
+                step = receiver.plan.pop(0) if receiver.plan else "ok"
+                if step == "timeout":
+                    time.sleep(1.5)
+                if step in ("500", "400"):
+                    self.send_response(int(step))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                receiver.received.extend(orjson.loads(line) for line in body.splitlines())
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def http_runtime(
+    postgres_url: str, redis_url: str, tmp_path: Path, receiver: Receiver, attempts: int = 6
+) -> Runtime:
+    sink = (
+        f"{{name: siem, type: http, url: {receiver.url}, timeout_seconds: 0.5, "
+        f"max_attempts: {attempts}, backoff_base_seconds: 0.01, backoff_cap_seconds: 0.05}}"
+    )
+    config = config_with(tmp_path, f"sinks:\n  - {sink}\n")
+    return install(
+        Runtime(
+            FleetSettings(
+                home=tmp_path / "home",
+                database_url=postgres_url,
+                redis_url=redis_url,
+                config_dir=config,
+                audit_batch_size=50,
+                audit_sink_headers={"siem": {"Authorization": "Bearer tok-siem-77"}},
+            )
+        )
+    )
+
+
+def test_an_http_sink_that_fails_and_times_out_loses_nothing(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    receiver = Receiver(["500", "timeout", "500", "ok", "500", "500", "500", "500", "500", "500"])
+    rt = http_runtime(postgres_url, redis_url, tmp_path, receiver)
+    try:
+        add_events(rt, 120)
+        first = ship(rt)["sinks"]["siem"]
+        assert first["error"] is not None and "HTTP 500 after 6 attempts" in first["error"]
+        assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "siem"}) == 0
+        backlog = REGISTRY.get_sample_value(
+            "fleet_audit_backlog_events", {"source": "configuration_audit_log", "sink": "siem"}
+        )
+        assert backlog is not None and backlog > 0
+        second = ship(rt)["sinks"]["siem"]  # the receiver has recovered
+        assert second["error"] is None
+        got = [e["event_id"] for e in receiver.received]
+        unique = list(dict.fromkeys(got))  # at least once: receivers drop repeats by event_id
+        assert [i for i in unique if not i.startswith("checkpoint")] == expected_ids(120, 3, 1)
+        assert receiver.headers[0]["Authorization"] == "Bearer tok-siem-77"
+        assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "siem"}) == 1
+    finally:
+        receiver.close()
+        rt.close()
+
+
+def test_a_refusing_sink_is_stopped_until_resumed(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    receiver = Receiver(["400"])
+    rt = http_runtime(postgres_url, redis_url, tmp_path, receiver)
+    env = shipper_env(postgres_url, redis_url, tmp_path, tmp_path / "config")
+    try:
+        add_events(rt, 10)
+        result = ship(rt)["sinks"]["siem"]
+        assert result["stopped"] == "audit sink siem: refused with HTTP 400"
+        assert ship(rt)["sinks"]["siem"]["stopped"] is not None  # stays stopped
+        assert receiver.received == []
+        assert (
+            REGISTRY.get_sample_value(
+                "fleet_audit_sink_errors_total", {"sink": "siem", "kind": "refused"}
+            )
+            >= 1
+        )
+        resumed = run_fleet("audit", "resume", "siem", env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert ship(rt)["sinks"]["siem"]["stopped"] is None
+        assert len({e["event_id"] for e in receiver.received}) >= 14
+    finally:
+        receiver.close()
+        rt.close()
+
+
+def test_verify_cli_names_the_broken_record(rt: Runtime, archive: Path, tmp_path: Path) -> None:
+    add_events(rt, 30)
+    ship(rt)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["FLEET_HOME"] = str(tmp_path / "home")
+    ok = run_fleet("audit", "verify", str(archive), env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 35 records"), ok.stderr
+    first = sorted(archive.glob("*.jsonl"))[0]
+    records = first.read_bytes().splitlines(keepends=True)
+    del records[3]
+    first.write_bytes(b"".join(records))
+    broken = run_fleet("audit", "verify", str(archive), env=env)
+    assert broken.returncode == 1
+    assert broken.stderr.startswith(f"fleet: error: audit chain broken at {first}:4 (seq 5,")
+    assert "expected seq 4" in broken.stderr

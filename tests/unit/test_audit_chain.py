@@ -1,0 +1,205 @@
+"""Audit events and their chain, by tables: canonical JSON, hashing, protection of
+sensitive values, malformed rows, and tampering of every kind caught by verify."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tasks.audit.events import GENESIS, Chain, Protector, canonical, event_hash, lines, render
+from tasks.audit.verify import verify
+
+KEY = b"audit-test-key"
+NOW = datetime(2026, 5, 1, 12, tzinfo=UTC)
+
+
+def test_canonical_json_is_sorted_compact_utf8() -> None:
+    assert canonical({"b": 1, "a": [1, "é"], "c": None}) == '{"a":[1,"é"],"b":1,"c":null}'.encode()
+
+
+def test_the_hash_covers_everything_but_itself() -> None:
+    event = {"seq": 1, "prev_hash": GENESIS, "x": 1}
+    digest = event_hash(event)
+    assert event_hash({**event, "hash": "anything"}) == digest
+    assert event_hash({**event, "x": 2}) != digest
+
+
+def test_a_chain_links_each_event_to_the_one_before() -> None:
+    chain = Chain(0, GENESIS)
+    first, second = {"a": 1}, {"a": 2}
+    line = chain.link(first)
+    chain.link(second)
+    assert orjson.loads(line) == first
+    assert (first["seq"], first["prev_hash"]) == (1, GENESIS)
+    assert (second["seq"], second["prev_hash"]) == (2, first["hash"])
+    assert (chain.seq, chain.head) == (2, second["hash"])
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (
+            {"value": "v", "password": "p", "note": "n"},
+            {"value": "v", "password": "H", "note": "n"},
+        ),
+        (
+            {"nested": {"api_key": "k", "ok": [{"token": "t"}]}},
+            {"nested": {"api_key": "H", "ok": [{"token": "H"}]}},
+        ),
+    ],
+)
+def test_secret_looking_keys_are_always_hashed(
+    row: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    protected = Protector(KEY).protect(row, sensitive=False)
+    assert _shape(protected) == expected
+
+
+def test_sensitive_rows_have_their_values_hashed_too() -> None:
+    protector = Protector(KEY)
+    protected = protector.protect({"value": "gpt-4", "old_value": 3, "key": "model"}, True)
+    assert protected["key"] == "model"
+    assert protected["value"] == protector.digest("gpt-4")
+    assert protected["value"].startswith("hmac-sha256:") and len(protected["value"]) == 12 + 64
+    assert protected["old_value"] == protector.digest(3)
+    assert Protector(b"another-key").digest("gpt-4") != protected["value"]
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return "H" if isinstance(value, str) and value.startswith("hmac-sha256:") else value
+
+
+def test_render_a_row() -> None:
+    row = {
+        "id": 7,
+        "action": "SET",
+        "timestamp": NOW,
+        "sensitive": False,
+        "metadata": json.dumps({"checksum": "abc"}),
+    }
+    event = render("configuration_audit_log", row, Protector(KEY)).event
+    assert event == {
+        "event_id": "configuration_audit_log:7",
+        "source": "configuration_audit_log",
+        "id": 7,
+        "action": "SET",
+        "timestamp": NOW.isoformat(),
+        "sensitive": False,
+        "metadata": {"checksum": "abc"},
+    }
+
+
+@pytest.mark.parametrize("sensitive", [False, True])
+def test_a_malformed_row_ships_raw_with_an_error(sensitive: bool) -> None:
+    row = {"id": 8, "timestamp": NOW, "sensitive": sensitive, "metadata": "{not json"}
+    rendered = render("configuration_audit_log", row, Protector(KEY))
+    assert rendered.malformed
+    assert rendered.event["error"] == "metadata is not valid JSON"
+    assert "metadata" not in rendered.event
+    assert (rendered.event["raw"] == "{not json") is (not sensitive)
+
+
+def write_chain(directory: Path, count: int = 10, checkpoint_at: int = 5) -> list[dict[str, Any]]:
+    chain = Chain(0, GENESIS)
+    events = []
+    for i in range(1, count + 1):
+        event = {"event_id": f"s:{i}", "source": "s", "id": i}
+        chain.link(event)
+        events.append(event)
+        if i == checkpoint_at:
+            events.append(chain.checkpoint(KEY, NOW, "archive").event)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "audit-20260501-000001.jsonl").write_bytes(lines(events[:6]))
+    (directory / "audit-20260501-000002.jsonl").write_bytes(lines(events[6:]))
+    return events
+
+
+def test_an_untouched_chain_verifies(tmp_path: Path) -> None:
+    write_chain(tmp_path)
+    verdict = verify([tmp_path], KEY)
+    assert (verdict.ok, verdict.records, verdict.checkpoints, verdict.head_seq) == (True, 11, 1, 11)
+
+
+def _tamper(directory: Path, how: str) -> None:
+    second = directory / "audit-20260501-000002.jsonl"
+    records = second.read_bytes().splitlines(keepends=True)
+    if how == "altered":
+        event = orjson.loads(records[1])
+        event["id"] = 999
+        records[1] = orjson.dumps(event) + b"\n"
+    elif how == "altered and rehashed":
+        event = orjson.loads(records[1])
+        event["id"] = 999
+        event["hash"] = event_hash(event)
+        records[1] = orjson.dumps(event) + b"\n"
+    elif how == "removed":
+        del records[1]
+    elif how == "reordered":
+        records[0], records[1] = records[1], records[0]
+    elif how == "inserted":
+        records.insert(1, records[1])
+    elif how == "first file removed":
+        (directory / "audit-20260501-000001.jsonl").unlink()
+    elif how == "forged checkpoint":
+        first = directory / "audit-20260501-000001.jsonl"
+        head = first.read_bytes().splitlines(keepends=True)
+        event = orjson.loads(head[5])
+        event["hmac"] = "0" * 64
+        event["hash"] = event_hash(event)
+        head[5] = orjson.dumps(event) + b"\n"
+        first.write_bytes(b"".join(head))
+    elif how == "not json":
+        records[2] = b"{garbage\n"
+    second.write_bytes(b"".join(records))
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("altered", "altered (its hash does not match)"),
+        ("altered and rehashed", "does not follow the previous record"),
+        ("removed", "expected seq 8"),
+        ("reordered", "expected seq 7"),
+        ("inserted", "expected seq 9"),
+        ("first file removed", "expected seq 1"),
+        ("forged checkpoint", "checkpoint signature is wrong"),
+        ("not json", "not a JSON record"),
+    ],
+)
+def test_tampering_of_every_kind_is_named(tmp_path: Path, how: str, problem: str) -> None:
+    write_chain(tmp_path)
+    _tamper(tmp_path, how)
+    verdict = verify([tmp_path], KEY)
+    assert not verdict.ok
+    assert verdict.problem is not None and problem in verdict.problem, verdict.problem
+
+
+def test_a_rechained_forgery_is_caught_only_by_the_checkpoint_key(tmp_path: Path) -> None:
+    """Someone who rewrites the tail and recomputes every hash escapes the hash checks;
+    the checkpoint's HMAC, made with a key they do not have, still names the forgery."""
+    forged = Chain(0, GENESIS)
+    rewritten = b"".join(
+        forged.link({"event_id": f"s:{i}", "source": "s", "id": 99 if i == 2 else i})
+        for i in range(1, 4)
+    )
+    rewritten += forged.checkpoint(b"the-forger's-key", NOW, "archive").line
+    (tmp_path / "audit-20260501-000001.jsonl").write_bytes(rewritten)
+    assert verify([tmp_path], None).ok
+    verdict = verify([tmp_path], KEY)
+    assert not verdict.ok and "checkpoint signature is wrong" in (verdict.problem or "")
+
+
+def test_partial_verification_starts_mid_chain(tmp_path: Path) -> None:
+    write_chain(tmp_path)
+    later = tmp_path / "audit-20260501-000002.jsonl"
+    assert not verify([later], KEY).ok
+    assert verify([later], KEY, from_start=False).ok
