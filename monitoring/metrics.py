@@ -176,6 +176,31 @@ AUDIT_MALFORMED = Counter(
     ["source"],
 )
 
+# Canary analysis ---------------------------------------------------------------------
+
+CANARY_SCORE = Gauge(
+    "fleet_canary_score",
+    "Score of the deployment's last analysis (0-100).",
+    ["deployment"],
+    multiprocess_mode="mostrecent",
+)
+CANARY_ANALYSES = Counter(
+    "fleet_canary_analyses",
+    "Canary analyses by verdict (pass, marginal, fail, nodata, error).",
+    ["verdict"],
+)
+CANARY_DEPLOYMENTS = Gauge(
+    "fleet_canary_deployments",
+    "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted).",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
+CANARY_DECISIONS = Counter(
+    "fleet_canary_decisions",
+    "Canary decisions taken (promote, rollback).",
+    ["decision"],
+)
+
 # Read from Redis at scrape time (BacklogCollector), so they show with no worker running.
 QUEUE_DEPTH_NAME = "fleet_queue_depth"
 QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."

@@ -28,6 +28,7 @@ JOB_MODULES: tuple[str, ...] = (
     "tasks.impressions",
     "tasks.secrets",
     "tasks.audit",
+    "tasks.canary",
 )
 
 

@@ -53,6 +53,7 @@ ACT_MODULES: tuple[str, ...] = (
     "tasks.impressions.demo",
     "tasks.secrets.demo",
     "tasks.audit.demo",
+    "tasks.canary.demo",
 )
 # Jobs the demo must see succeed, and how many times, besides what the acts expect.
 EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}

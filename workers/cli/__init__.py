@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tasks.impressions.cli",
     "tasks.secrets.cli",
     "tasks.audit.cli",
+    "tasks.canary.cli",
 )
 
 

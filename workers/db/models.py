@@ -402,3 +402,62 @@ class AuditSinkState(Base):
     last_checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     stopped_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CanaryDeployment(Base):
+    """A configuration change tried on a canary before the whole scope, and its judging."""
+
+    __tablename__ = "canary_deployments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # The change: as configurations rows are addressed.
+    key: Mapped[str] = mapped_column(String(512))
+    environment: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    new_value: Mapped[str] = mapped_column(Text)  # JSON
+    previous_value: Mapped[str | None] = mapped_column(Text)  # JSON; None: the key was unset
+    replaces_version: Mapped[str | None] = mapped_column(String(64))
+    # How to judge it.
+    canary_selector: Mapped[str] = mapped_column(Text)
+    baseline_selector: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument)
+    judge: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    interval_seconds: Mapped[int] = mapped_column(Integer)
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    step_seconds: Mapped[int] = mapped_column(Integer)
+    passes_required: Mapped[int] = mapped_column(Integer)
+    failure_limit: Mapped[int] = mapped_column(Integer)
+    inconclusive_limit: Mapped[int] = mapped_column(Integer)
+    min_samples: Mapped[int] = mapped_column(Integer)
+    prometheus_deadline_seconds: Mapped[int] = mapped_column(Integer)
+    # Where it stands.
+    state: Mapped[str] = mapped_column(String(16))
+    passes: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    inconclusives: Mapped[int] = mapped_column(Integer, default=0)
+    prometheus_down_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_analysis_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decision_reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_canary_deployments_state", "state"),)
+
+
+class CanaryAnalysis(Base):
+    """One analysis of a deployment, with each metric's result."""
+
+    __tablename__ = "canary_analyses"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    verdict: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_canary_analyses_deployment", "deployment_id", "at"),)

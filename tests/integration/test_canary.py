@@ -1,0 +1,247 @@
+"""canary.analyze end to end: a real Prometheus scrapes a baseline and two canaries (one
+turns bad); the healthy canary is promoted and the bad one rolled back, with the
+configurations, history and audit rows to show it. A Prometheus that is down leads to a
+rollback after the deadline, never to a promotion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from tasks.canary import analyze, create_deployment
+from tasks.canary.spec import CanarySpec
+from tests.helpers import free_port, run_fleet, wait_for
+from tests.prometheus_server import latency_app, prometheus, samples_in
+from workers.configstore import active_value, set_configuration
+from workers.db.models import (
+    CanaryAnalysis,
+    CanaryDeployment,
+    ConfigurationAuditLog,
+    ConfigurationHistory,
+    FleetAuditLog,
+)
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+
+def spec(name: str, canary_job: str, key: str, **analysis: Any) -> CanarySpec:
+    return CanarySpec.model_validate(
+        {
+            "name": name,
+            "change": {"key": key, "environment": "production", "value": 25},
+            "canary": f'job="{canary_job}"',
+            "baseline": 'job="baseline"',
+            "metrics": [
+                {
+                    "name": "latency",
+                    "query": "app_latency_seconds{$selector}",
+                    "direction": "increase",
+                    "critical": True,
+                }
+            ],
+            "analysis": {
+                "interval": 0,
+                "window": 20,
+                "step": 1,
+                "passes": 2,
+                "failure_limit": 2,
+                "inconclusive_limit": 3,
+                "min_samples": 10,
+                "prometheus_deadline": 60,
+                **analysis,
+            },
+        }
+    )
+
+
+def runtime_for(postgres_url: str, redis_url: str, tmp_path: Path, prometheus_url: str) -> Runtime:
+    return install(
+        Runtime(
+            FleetSettings(
+                home=tmp_path,
+                database_url=postgres_url,
+                redis_url=redis_url,
+                prometheus_url=prometheus_url,
+            )
+        )
+    )
+
+
+def seed(rt: Runtime, key: str) -> None:
+    with rt.sessions.begin() as session:
+        set_configuration(
+            session,
+            key=key,
+            value=10,
+            environment="production",
+            user_id="admin",
+            now=datetime.now(UTC),
+        )
+
+
+@pytest.fixture(scope="module")
+def scraped() -> Iterator[str]:
+    bad = {"latency": 0.1}
+    apps = {
+        "baseline": latency_app(lambda: 0.1, seed=1),
+        "canary_good": latency_app(lambda: 0.1, seed=2),
+        "canary_bad": latency_app(lambda: bad["latency"], seed=3),
+    }
+    with prometheus({job: [app.address] for job, app in apps.items()}) as url:
+        bad["latency"] = 0.35  # the bad canary turns bad
+        wait_for(
+            lambda: (
+                samples_in(url, 'count_over_time(app_latency_seconds{job="canary_bad"}[20s])') >= 15
+            ),
+            timeout=60,
+            what="20 seconds of samples",
+            interval=0.5,
+        )
+        yield url
+    for app in apps.values():
+        app.close()
+
+
+def test_the_healthy_canary_is_promoted_and_the_bad_one_rolled_back(
+    scraped: str, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    rt = runtime_for(postgres_url, redis_url, tmp_path, scraped)
+    seed(rt, "database.postgresql.pool_size")
+    seed(rt, "services.chat_service.max_tokens")
+    with rt.sessions.begin() as session:
+        create_deployment(
+            session,
+            spec("pool-25", "canary_good", "database.postgresql.pool_size"),
+            datetime.now(UTC),
+            "test",
+        )
+        create_deployment(
+            session,
+            spec("tokens-25", "canary_bad", "services.chat_service.max_tokens"),
+            datetime.now(UTC),
+            "test",
+        )
+    for _ in range(2):
+        result = analyze(rt)
+    assert result["deployments"]["promoted"] == 1 and result["deployments"]["rolled_back"] == 1
+    with rt.sessions() as session:
+        states = {d.name: d for d in session.scalars(select(CanaryDeployment))}
+        assert states["pool-25"].state == "promoted"
+        assert states["tokens-25"].state == "rolled_back"
+        assert "2 failing analyses" in (states["tokens-25"].decision_reason or "")
+        analyses = session.scalars(select(CanaryAnalysis).order_by(CanaryAnalysis.id)).all()
+        bad = [a for a in analyses if a.deployment_id == states["tokens-25"].id]
+        assert [a.verdict for a in bad] == ["fail", "fail"]
+        assert bad[0].results[0]["classification"] == "high" and bad[0].score == 0.0
+        promoted = active_value(session, "database.postgresql.pool_size", "production")
+        restored = active_value(session, "services.chat_service.max_tokens", "production")
+        assert promoted is not None and json.loads(promoted.value or "") == 25
+        assert restored is not None and json.loads(restored.value or "") == 10
+        history = session.scalars(select(ConfigurationHistory.key)).all()
+        assert sorted(history) == [
+            "database.postgresql.pool_size",
+            "services.chat_service.max_tokens",
+        ]
+        actions = session.scalars(select(ConfigurationAuditLog.action)).all()
+        assert sorted(actions) == ["CANARY_PROMOTE", "CANARY_ROLLBACK", "SET", "SET"]
+        fleet = session.scalars(select(FleetAuditLog.action)).all()
+        assert {"canary_started", "canary_promoted", "canary_rolled_back"} <= set(fleet)
+    rt.close()
+
+
+def test_too_few_samples_never_promote(
+    scraped: str, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    rt = runtime_for(postgres_url, redis_url, tmp_path, scraped)
+    seed(rt, "a.key")
+    with rt.sessions.begin() as session:
+        create_deployment(
+            session,
+            spec("thin", "canary_good", "a.key", min_samples=500, inconclusive_limit=2),
+            datetime.now(UTC),
+            "test",
+        )
+    analyze(rt)
+    result = analyze(rt)
+    assert [a["verdict"] for a in result["analyses"]] == ["nodata"]
+    with rt.sessions() as session:
+        row = session.scalars(select(CanaryDeployment)).one()
+        assert row.state == "rolled_back" and "missing data is not health" in (
+            row.decision_reason or ""
+        )
+    rt.close()
+
+
+def test_prometheus_down_rolls_back_after_the_deadline_never_promotes(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    rt = runtime_for(postgres_url, redis_url, tmp_path, f"http://127.0.0.1:{free_port()}")
+    seed(rt, "b.key")
+    with rt.sessions.begin() as session:
+        create_deployment(
+            session, spec("blind", "canary_good", "b.key", passes=1), datetime.now(UTC), "test"
+        )
+    first = analyze(rt)["analyses"][0]
+    assert (first["verdict"], first["decision"]) == ("error", None)
+    assert "Prometheus" in first["reason"]
+    with rt.engine.begin() as connection:  # the outage began 61 s ago: the deadline is 60 s
+        connection.execute(
+            update(CanaryDeployment).values(
+                prometheus_down_since=datetime.now(UTC) - timedelta(seconds=61)
+            )
+        )
+    second = analyze(rt)["analyses"][0]
+    assert (second["state"], second["decision"]) == ("rolled_back", "rollback")
+    with rt.sessions() as session:
+        assert active_value(session, "b.key", "production").value == "10"  # type: ignore[union-attr]
+    rt.close()
+
+
+def test_no_prometheus_configured_is_said_plainly(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    rt = install(
+        Runtime(FleetSettings(home=tmp_path, database_url=postgres_url, redis_url=redis_url))
+    )
+    assert analyze(rt) == {
+        "skipped": True,
+        "reason": "canary analysis needs Prometheus: FLEET_PROMETHEUS_URL is not set",
+    }
+    rt.close()
+
+
+def test_cli_start_status_abort(fleet_env: dict[str, str], tmp_path: Path) -> None:
+    spec_file = tmp_path / "canary.yaml"
+    spec_file.write_text(
+        "name: rate-limit-2x\n"
+        "change: {key: security.rate_limiting.requests_per_minute, environment: production,"
+        " value: 20000}\n"
+        "canary: 'instance=\"c1\"'\nbaseline: 'instance=\"b1\"'\n"
+        "metrics:\n  - {name: errors, query: 'rate(app_errors_total{$selector}[1m])'}\n"
+    )
+    started = run_fleet("canary", "start", str(spec_file), env=fleet_env)
+    assert started.returncode == 0, started.stderr
+    assert "canary rate-limit-2x started" in started.stdout
+    again = run_fleet("canary", "start", str(spec_file), env=fleet_env)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    status = json.loads(run_fleet("canary", "status", "--json", env=fleet_env).stdout)
+    assert [(s["name"], s["state"]) for s in status] == [("rate-limit-2x", "pending")]
+    aborted = run_fleet("canary", "abort", "rate-limit-2x", env=fleet_env)
+    assert aborted.returncode == 0, aborted.stderr
+    status = json.loads(run_fleet("canary", "status", "--json", env=fleet_env).stdout)
+    assert status[0]["state"] == "aborted"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec_file.read_text().replace("{$selector}", '{job="x"}'))
+    refused = run_fleet("canary", "start", str(bad), env=fleet_env)
+    assert refused.returncode == 2 and "must contain $selector" in refused.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [\n")
+    unreadable = run_fleet("canary", "start", str(broken), env=fleet_env)
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.startswith(f"fleet: error: {broken}: not valid YAML")
