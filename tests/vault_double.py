@@ -15,6 +15,12 @@ included:
   ``X-Vault-Namespace`` header honoured.
 
 Failure switches (``sealed``, ``fail_writes``, ``latency``) let tests make it misbehave.
+
+With a ``policy`` (see :func:`load_policy`), the token is held to it as Vault's ACLs would:
+each request needs the capability its method implies on its path (``read`` for GET, ``list``
+for LIST, ``create`` or ``update`` for POST/PUT as the secret exists or not, ``delete`` for
+DELETE); an exact path rule beats a glob, and the longest matching glob wins. Without one,
+the token may do anything (a root token).
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,11 +43,48 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
 
 
+Policy = Mapping[str, frozenset[str]]
+
+
+def load_policy(path: Path) -> dict[str, frozenset[str]]:
+    """A Vault policy file (HCL): {path rule: capabilities}."""
+    import hcl2
+
+    document = hcl2.loads(path.read_text())
+    rules: dict[str, frozenset[str]] = {}
+    for block in document.get("path", []):
+        for rule, body in block.items():
+            name = rule.strip('"')
+            if "+" in name or ("*" in name and not name.endswith("*")):
+                raise ValueError(f"{path}: {name}: the double knows only trailing '*' globs")
+            rules[name] = frozenset(c.strip('"') for c in body["capabilities"])
+    return rules
+
+
+def allowed(policy: Policy, path: str, capability: str) -> bool:
+    """Whether ``policy`` grants ``capability`` on ``path`` (Vault's matching, no '+')."""
+    granted = policy.get(path)
+    if granted is None:
+        globs = [r for r in policy if r.endswith("*") and path.startswith(r[:-1])]
+        if not globs:
+            return False
+        granted = policy[max(globs, key=len)]
+    return "deny" not in granted and capability in granted
+
+
 class VaultState:
-    def __init__(self, token: str, mount: str = "secret", namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        token: str,
+        mount: str = "secret",
+        namespace: str | None = None,
+        policy: Policy | None = None,
+    ) -> None:
         self.token = token
         self.mount = mount
         self.namespace = namespace
+        self.policy = policy
+        self.denied: list[str] = []  # "CAPABILITY path" of every request the policy refused
         self.sealed = False
         self.fail_writes = False
         self.latency = 0.0
@@ -114,11 +158,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _body(self) -> dict[str, Any]:
+        return self._payload
+
+    def _read_payload(self) -> None:
+        """Read the request body before answering (a refused request included), so that a
+        kept-alive connection's next request is not parsed from its leftovers."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        return orjson.loads(raw) if raw else {}
+        self._payload: dict[str, Any] = orjson.loads(raw) if raw else {}
 
     def _route(self, method: str) -> None:
+        self._read_payload()
         state = self.state
         state.requests += 1
         if state.latency:
@@ -154,6 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind, _, secret = rest.partition("/")
         if method == "GET" and query.get("list") == "true":
             method = "LIST"
+        if not self._permitted(path, method, secret):
+            return
         handler = getattr(self, f"_{kind}_{method.lower()}", None)
         if handler is None:
             self._send(405, {"errors": ["unsupported operation"]})
@@ -177,6 +229,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(403, {"errors": ["permission denied"]})
             return False
         return True
+
+    def _permitted(self, path: str, method: str, secret: str) -> bool:
+        """The token's policy, if any; False when refused (403 sent)."""
+        policy = self.state.policy
+        if policy is None:
+            return True
+        if method == "LIST":
+            capability = "list"
+            path = path if path.endswith("/") else path + "/"  # as Vault routes a LIST
+        elif method == "GET":
+            capability = "read"
+        elif method == "DELETE":
+            capability = "delete"
+        else:
+            capability = "update" if secret in self.state.secrets else "create"
+        if allowed(policy, path, capability):
+            return True
+        self.state.denied.append(f"{capability} {path}")
+        self._send(403, {"errors": ["1 error occurred:\n\t* permission denied\n\n"]})
+        return False
 
     def _approle(self, body: dict[str, Any]) -> None:
         if self.state.approles.get(body.get("role_id", "")) != body.get("secret_id"):

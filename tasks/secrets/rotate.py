@@ -258,5 +258,6 @@ def _reason(exc: BaseException) -> str:
     state = getattr(exc, "sqlstate", None)
     if state:
         return f"{type(exc).__name__} (SQLSTATE {state})"
-    message = str(exc) if isinstance(exc, FleetError) else ""
+    # The fleet's own errors (store errors included) are written to carry no value.
+    message = str(exc) if isinstance(exc, FleetError | TransientError) else ""
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -9,6 +9,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import select, text, update
 
 from tasks.secrets.rotate import STAGING, PostgresRotator, RotationFailed
-from tasks.secrets.stores import SecretStore, StoreUnavailable, open_store
+from tasks.secrets.stores import SecretStore, StoreUnavailable, VaultStore, open_store
+from tests.helpers import ROOT
 from tests.password_cluster import Cluster, password_cluster
-from tests.vault_double import vault_double
+from tests.vault_double import Policy, VaultState, load_policy, vault_double
 from workers.celery_app import create_app
 from workers.db.models import FleetAuditLog, FleetSecretVersion, SecretRotationStatus, TaskRun
 from workers.logs import configure_logging
@@ -366,3 +368,84 @@ def test_no_secret_value_reaches_logs_rows_or_metrics(
     for where, haystack in haystacks.items():
         for value in planted:
             assert value not in haystack, f"a secret value reached the {where}"
+
+
+VAULT_POLICY = ROOT / "deploy" / "vault" / "fleet-policy.hcl"
+
+
+@contextmanager
+def vault_app(
+    postgres_url: str, redis_url: str, tmp_path: Path, policy: Policy
+) -> Iterator[tuple[Celery, VaultState]]:
+    """The secrets jobs on Vault (the double), the token held to ``policy``."""
+    with vault_double("hvs.fleet-worker", policy=policy) as (address, state):
+        settings = FleetSettings(
+            home=tmp_path,
+            database_url=postgres_url,
+            redis_url=redis_url,
+            vault_addr=address,
+            vault_token="hvs.fleet-worker",
+        )
+        rt = install(Runtime(settings))
+        application = create_app(rt)
+        try:
+            yield application, state
+        finally:
+            application.close()
+            rt.close()
+
+
+def seed_overdue(state: VaultState, role: dict[str, str]) -> None:
+    created = (datetime.now(UTC) - timedelta(days=40)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    custom = {"rotation_interval_days": "30", "rotator": "postgres"}
+    state.put("platform/db/app", role, created=created, custom=custom)
+    state.put("platform/apis/openai", {"api_key": "sk-0987654321"}, custom=custom | {"rotator": ""})
+    state.put("other-team/db", {"password": "not-ours-0001"})
+
+
+def test_the_shipped_vault_policy_is_enough_to_check_and_rotate(
+    postgres_url: str, redis_url: str, tmp_path: Path, role: dict[str, str], cluster: Cluster
+) -> None:
+    policy = load_policy(VAULT_POLICY)
+    with vault_app(postgres_url, redis_url, tmp_path, policy) as (app, state):
+        seed_overdue(state, role)
+        check = run(app, "secrets.check_rotation")
+        assert check.successful(), check.result
+        assert {s["path"]: s["status"] for s in check.result["secrets"]}["db/app"] == "overdue"
+        assert check.result["rotations_enqueued"] == ["db/app"]
+        rotated = run(app, "secrets.rotate", path="db/app")
+        assert rotated.result == {"path": "db/app", "version": 2, "outcome": "rotated"}
+        new = state.secrets["platform/db/app"]["versions"][2]["data"]["password"]
+        assert cluster.logs_in(role["username"], new)
+        assert "platform/.rotation/db/app" not in state.secrets
+        assert state.denied == []
+        # Least privilege: nothing outside the prefix, no new managed secret, no deletion.
+        store = VaultStore(runtime_of(app).settings)
+        for attempt in (
+            lambda: store.write("db/brand-new", {"password": "p"}),
+            lambda: store.delete("db/app"),
+            lambda: store.set_custom_metadata("db/app", {"rotator": ""}),
+        ):
+            with pytest.raises(StoreUnavailable, match="permission denied"):
+                attempt()
+        assert state.denied == [
+            "create secret/data/platform/db/brand-new",
+            "delete secret/metadata/platform/db/app",
+            "update secret/metadata/platform/db/app",
+        ]
+
+
+def test_less_than_the_shipped_policy_fails_the_rotation_safely(
+    postgres_url: str, redis_url: str, tmp_path: Path, role: dict[str, str], cluster: Cluster
+) -> None:
+    policy = dict(load_policy(VAULT_POLICY))
+    policy["secret/data/platform/.rotation/*"] = frozenset({"read"})  # cannot stage
+    with vault_app(postgres_url, redis_url, tmp_path, policy) as (app, state):
+        seed_overdue(state, role)
+        rotated = run(app, "secrets.rotate", path="db/app")
+        assert not rotated.successful()
+        assert "write .rotation/db/app: permission denied (403)" in str(rotated.result)
+        # Each attempt (the job retries) stopped at its first refused request.
+        assert set(state.denied) == {"create secret/data/platform/.rotation/db/app"}
+        assert cluster.logs_in(role["username"], role["password"])  # nothing changed
+        assert state.secrets["platform/db/app"]["current_version"] == 1
