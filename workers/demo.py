@@ -195,9 +195,9 @@ def _scrape(port: int, prefixes: tuple[str, ...]) -> list[str]:
 @click.option(
     "--duration",
     type=click.FloatRange(5, 3600),
-    default=30.0,
+    default=60.0,
     show_default=True,
-    help="Seconds to run the fleet before stopping it.",
+    help="At most this many seconds: the demo stops as soon as every job has succeeded.",
 )
 @click.option(
     "--home",
@@ -283,6 +283,7 @@ def _watch(
                 said = act.tick(rt, datetime.now(UTC), duration - elapsed)
                 if said:
                     console.print(said)
+            done = not _missing_successes(runs, acts) and not any(act.problems(rt) for act in acts)
             if live is not None:
                 statuses = [act.status(rt) for act in acts]
                 live.update(_runs_table(runs, elapsed, duration, statuses), refresh=True)
@@ -294,6 +295,8 @@ def _watch(
                         f"outcome={run.outcome} result={_short(run.result or run.error)}"
                     )
                 shown = len(finished)
+            if done:
+                break
             time.sleep(0.5)
     return runs
 

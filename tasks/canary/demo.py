@@ -43,15 +43,18 @@ class CanaryAct:
 
     def problems(self, rt: Runtime) -> list[str]:
         with rt.sessions() as session:
-            failed = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(TaskRun)
-                    .where(TaskRun.job == "canary.analyze", TaskRun.outcome == "failure")
-                )
-                or 0
+            outcomes = dict(
+                session.execute(
+                    select(TaskRun.outcome, func.count())
+                    .where(TaskRun.job == "canary.analyze")
+                    .group_by(TaskRun.outcome)
+                ).all()
             )
-        return [f"canary: {failed} failed runs"] if failed else []
+        if outcomes.get("failure"):
+            return [f"canary: {outcomes['failure']} failed runs"]
+        if not outcomes.get("success") and not outcomes.get("skipped"):
+            return ["canary: canary.analyze has not run yet"]
+        return []
 
 
 def act() -> Any:

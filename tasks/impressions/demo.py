@@ -21,6 +21,7 @@ from workers.runtime import Runtime
 ENVIRONMENTS = ("production", "staging")
 PLANS = ("enterprise", "professional", "starter", "free")
 PER_TICK = 120
+PUSHES = 14  # ticks with impressions (about 7 s); then the demo waits for them to be counted
 STOP_BEFORE_END = 5.0  # seconds: the last impressions get drained before the demo checks
 
 
@@ -147,7 +148,7 @@ class ImpressionsAct:
         return "impressions: flags new_ui_enabled and model_configuration in production and staging"
 
     def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None:
-        if remaining < STOP_BEFORE_END:
+        if remaining < STOP_BEFORE_END or self.good >= PUSHES * PER_TICK:
             return None
         payloads = [orjson.dumps(impression(self.rng, now)) for _ in range(PER_TICK)]
         if self.good // PER_TICK % 10 == 0:
