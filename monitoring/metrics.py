@@ -175,6 +175,11 @@ AUDIT_MALFORMED = Counter(
     "Source rows shipped as raw text because their metadata is not JSON.",
     ["source"],
 )
+AUDIT_ID_GAPS = Counter(
+    "fleet_audit_id_gaps",
+    "Gaps in a source's ids passed over once no transaction could fill them (rolled back).",
+    ["source", "sink"],
+)
 
 # Canary analysis ---------------------------------------------------------------------
 

@@ -111,6 +111,9 @@ class FleetSettings(BaseSettings):
     audit_hmac_key: SecretStr | None = Field(default=None, repr=False)
     audit_checkpoint_interval: timedelta = timedelta(hours=1)
     audit_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    # An id missing below committed ones may still be committed by a running transaction;
+    # it is passed over only after this long and once every such transaction has ended.
+    audit_gap_grace: timedelta = timedelta(seconds=2)
     # Per HTTP sink, headers to send (tokens live here, never in audit-sinks.yaml):
     # {"siem": {"Authorization": "Bearer ..."}}
     audit_sink_headers: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
@@ -146,6 +149,7 @@ class FleetSettings(BaseSettings):
         "impressions_inflight_timeout",
         "impressions_minute_retention",
         "audit_checkpoint_interval",
+        "audit_gap_grace",
         mode="before",
     )
     @classmethod

@@ -370,7 +370,7 @@ def audit() -> Board:
     )
     board.add(
         "timeseries",
-        "Errors and malformed rows (per hour)",
+        "Errors, malformed rows, id gaps passed (per hour)",
         [
             (
                 "sum by (sink, kind) (increase(fleet_audit_sink_errors_total[1h]))",
@@ -379,6 +379,10 @@ def audit() -> Board:
             (
                 "sum by (source) (increase(fleet_audit_malformed_events_total[1h]))",
                 "malformed {{source}}",
+            ),
+            (
+                "sum by (source) (increase(fleet_audit_id_gaps_total[1h]))",
+                "id gaps passed {{source}}",
             ),
         ],
     )

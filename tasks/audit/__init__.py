@@ -143,6 +143,19 @@ def _page(
         return rows
 
 
+def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | None) -> int:
+    """How many leading ``rows`` follow ``last_id`` with no id missing, except below
+    ``gaps_upto`` (ids known to be final there)."""
+    expected = last_id + 1
+    limit = gaps_upto or 0
+    for index, row in enumerate(rows):
+        number = row[0]
+        if number != expected and number > limit:
+            return index
+        expected = number + 1
+    return len(rows)
+
+
 class Shipper:
     """Ships one sink; the caller holds the sink's lock."""
 
@@ -216,6 +229,8 @@ class Shipper:
             columns = list(table.c.keys())
             stamps = [c.key for c in table.c if isinstance(c.type, DateTime | UTCDateTime)]
             rows = _page(session, table, columns, cursor.last_id, self.batch_size)
+            if rows:
+                rows = self._settled(session, source, cursor, rows, now)
             if not rows:
                 return False
             state = _state(session, self.sink.name, now)
@@ -243,6 +258,83 @@ class Shipper:
         self.run.shipped[source] = self.run.shipped.get(source, 0) + len(rows)
         metrics.AUDIT_SHIPPED.labels(source, self.sink.name).inc(len(rows))
         return True
+
+    def _settled(
+        self,
+        session: Session,
+        source: str,
+        cursor: AuditCursor,
+        rows: Sequence[Sequence[Any]],
+        now: datetime,
+    ) -> Sequence[Sequence[Any]]:
+        """The leading ``rows`` that can ship now, in id order with none missing before them.
+
+        On PostgreSQL ids are taken when rows are inserted but seen when they commit: a
+        missing id below a committed one may belong to a transaction still running, and
+        shipping past it would lose that row. The shipper waits at such a gap until
+        ``FLEET_AUDIT_GAP_GRACE`` has passed and every transaction that could still commit
+        it has ended; then the id was rolled back, and the gap is passed (and counted).
+        SQLite has one writer at a time: its gaps are final when seen.
+        """
+        take = _contiguous(rows, cursor.last_id, cursor.gap_upto if not cursor.gap_seen_at else 0)
+        if take:
+            if cursor.gap_seen_at is not None:  # the missing rows arrived
+                cursor.gap_seen_at = cursor.gap_upto = cursor.gap_horizon_xid = None
+            return self._count_gaps(rows[:take], cursor.last_id, source)
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            if cursor.gap_seen_at is None:
+                cursor.gap_seen_at, cursor.gap_upto = now, int(rows[-1][0])
+                cursor.gap_horizon_xid = None
+                log.info(
+                    "audit_waiting_at_gap",
+                    source=source,
+                    sink=self.sink.name,
+                    missing_from=cursor.last_id + 1,
+                    next_id=int(rows[0][0]),
+                )
+            if now - cursor.gap_seen_at < self.rt.settings.audit_gap_grace:
+                return []
+            if cursor.gap_horizon_xid is None:
+                # Any transaction that took a missing id did so before the gap was seen,
+                # and got its transaction id then: below the next one to be given out now.
+                cursor.gap_horizon_xid = int(
+                    connection.exec_driver_sql(
+                        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+                    ).scalar_one()
+                )
+            running = connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
+                "WHERE x::text::bigint < %(horizon)s "
+                "AND x IS DISTINCT FROM pg_current_xact_id_if_assigned()",
+                {"horizon": cursor.gap_horizon_xid},
+            ).scalar_one()
+            if running:
+                return []
+        else:
+            cursor.gap_upto = int(rows[-1][0])
+        cursor.gap_seen_at = cursor.gap_horizon_xid = None
+        take = _contiguous(rows, cursor.last_id, cursor.gap_upto or 0)
+        return self._count_gaps(rows[:take], cursor.last_id, source)
+
+    def _count_gaps(
+        self, rows: Sequence[Sequence[Any]], last_id: int, source: str
+    ) -> Sequence[Sequence[Any]]:
+        from monitoring import metrics
+
+        expected = last_id + 1
+        for row in rows:
+            if row[0] != expected:
+                metrics.AUDIT_ID_GAPS.labels(source, self.sink.name).inc()
+                log.warning(
+                    "audit_gap_passed",
+                    source=source,
+                    sink=self.sink.name,
+                    missing=f"{expected}-{int(row[0]) - 1}",
+                    reason="no transaction can commit these ids any more (rolled back)",
+                )
+            expected = int(row[0]) + 1
+        return rows
 
     def _due(self, state: AuditSinkState, now: datetime) -> bool:
         interval = self.rt.settings.audit_checkpoint_interval

@@ -11,15 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from tasks.audit import hmac_key, ship
 from tasks.audit.verify import verify
@@ -369,3 +370,122 @@ def test_verify_cli_names_the_broken_record(rt: Runtime, archive: Path, tmp_path
     assert broken.returncode == 1
     assert broken.stderr.startswith(f"fleet: error: audit chain broken at {first}:4 (seq 5,")
     assert "expected seq 4" in broken.stderr
+
+
+# Id gaps: rows commit out of id order; a missing id is waited for, never skipped while a
+# transaction could still commit it.
+
+INSERT_ONE = (
+    "INSERT INTO configuration_audit_log (action, key, environment, scope, version, user_id,"
+    " timestamp, checksum, sensitive, metadata) VALUES ('SET', %s, 'production', 'environment',"
+    " 'v', 'admin', now(), 'c', false, '{}') RETURNING id"
+)
+
+
+def writer(rt: Runtime, autocommit: bool = False) -> psycopg.Connection[Any]:
+    url = rt.settings.database_url or ""
+    return psycopg.connect(
+        url.replace("postgresql+psycopg://", "postgresql://"), autocommit=autocommit
+    )
+
+
+def insert_one(connection: psycopg.Connection[Any], key: str) -> int:
+    row = connection.execute(INSERT_ONE, (key,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def config_ids(archive: Path) -> list[int]:
+    return [
+        int(e["event_id"].split(":")[1])
+        for e in shipped(archive)
+        if e["source"] == "configuration_audit_log"
+    ]
+
+
+def gaps_passed() -> float:
+    labels = {"source": "configuration_audit_log", "sink": "archive"}
+    return REGISTRY.get_sample_value("fleet_audit_id_gaps_total", labels) or 0.0
+
+
+def with_grace(rt: Runtime, grace: timedelta) -> Runtime:
+    return Runtime(rt.settings.model_copy(update={"audit_gap_grace": grace}))
+
+
+def test_a_row_committed_after_a_later_id_is_shipped_in_its_place(
+    rt: Runtime, archive: Path
+) -> None:
+    add_events(rt, 2)
+    ship(rt)
+    eager = with_grace(rt, timedelta(0))  # only the running transaction holds the gap
+    try:
+        with writer(rt) as slow, writer(rt, autocommit=True) as fast:
+            late = insert_one(slow, "late")  # id 3, not committed yet
+            early = insert_one(fast, "early")  # id 4, committed
+            assert (late, early) == (3, 4)
+            for _ in range(2):  # grace long past: still waits, the transaction runs
+                result = ship(eager)["sinks"]["archive"]
+                assert "configuration_audit_log" not in result["shipped"]
+            assert config_ids(archive) == [1, 2]
+            slow.commit()
+        ship(eager)
+    finally:
+        eager.close()
+    assert config_ids(archive) == [1, 2, 3, 4]
+    assert verify([archive], hmac_key(rt.settings)).ok
+    assert gaps_passed() == 0
+
+
+def test_a_rolled_back_id_is_passed_once_the_grace_is_over(rt: Runtime, archive: Path) -> None:
+    add_events(rt, 2)
+    ship(rt)
+    before = gaps_passed()
+    with writer(rt) as aborted:
+        assert insert_one(aborted, "aborted") == 3
+        aborted.rollback()
+    with writer(rt, autocommit=True) as fast:
+        assert insert_one(fast, "after") == 4
+    waiting = ship(rt)["sinks"]["archive"]  # the default grace (2 s) has not passed
+    assert "configuration_audit_log" not in waiting["shipped"]
+    with rt.engine.begin() as connection:  # as if the grace had passed
+        connection.execute(
+            text(
+                "UPDATE audit_cursors SET gap_seen_at = gap_seen_at - interval '1 minute'"
+                " WHERE source = 'configuration_audit_log'"
+            )
+        )
+    passed = ship(rt)["sinks"]["archive"]
+    assert passed["shipped"]["configuration_audit_log"] == 1
+    assert config_ids(archive) == [1, 2, 4]
+    assert gaps_passed() == before + 1
+    assert verify([archive], hmac_key(rt.settings)).ok
+    with rt.engine.connect() as connection:
+        cursor = connection.execute(
+            text(
+                "SELECT last_id, gap_seen_at FROM audit_cursors"
+                " WHERE source = 'configuration_audit_log'"
+            )
+        ).one()
+    assert (cursor.last_id, cursor.gap_seen_at) == (4, None)
+
+
+def test_sqlite_gaps_are_final_when_seen(
+    sqlite_url: str, redis_url: str, tmp_path: Path, archive: Path
+) -> None:
+    config = config_with(tmp_path, FILE_SINK % archive)
+    settings = FleetSettings(
+        home=tmp_path / "home", database_url=sqlite_url, redis_url=redis_url, config_dir=config
+    )
+    runtime = install(Runtime(settings))
+    try:
+        add_events(runtime, 4)
+        with runtime.engine.begin() as connection:  # ids 2 and 3 never committed
+            connection.execute(text("DELETE FROM configuration_audit_log WHERE id IN (2, 3)"))
+        before = gaps_passed()
+        result = ship(runtime)["sinks"]["archive"]
+        assert result["shipped"]["configuration_audit_log"] == 2
+        assert config_ids(archive) == [1, 4]
+        assert gaps_passed() == before + 1
+        assert verify([archive], hmac_key(settings)).ok
+    finally:
+        runtime.close()

@@ -378,7 +378,10 @@ class SecretRotationStatus(Base):
 
 
 class AuditCursor(Base):
-    """How far a sink has confirmed a source (the last shipped id)."""
+    """How far a sink has confirmed a source (the last shipped id), and the id gap it may be
+    waiting at: ``gap_seen_at`` set while a missing id could still be committed,
+    ``gap_upto`` the ids below which gaps are (to be) passed, ``gap_horizon_xid`` the
+    transaction id every transaction that could commit them is below (PostgreSQL)."""
 
     __tablename__ = "audit_cursors"
 
@@ -386,6 +389,9 @@ class AuditCursor(Base):
     sink: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    gap_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    gap_upto: Mapped[int | None] = mapped_column(BigInteger)
+    gap_horizon_xid: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class AuditSinkState(Base):
