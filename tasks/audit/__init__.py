@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,14 @@ from psycopg import sql
 from sqlalchemy import DateTime, Table, func, select
 from sqlalchemy.orm import Session
 
-from tasks.audit.events import GENESIS, SOURCES, Chain, Protector, render_values
+from tasks.audit.events import (
+    GENESIS,
+    SOURCES,
+    Chain,
+    Protector,
+    render_document,
+    render_values,
+)
 from tasks.audit.sinks import (
     AuditSink,
     FileSink,
@@ -119,28 +127,10 @@ def _cursor(session: Session, source: str, sink: str, now: datetime) -> AuditCur
     return cursor
 
 
-def _page(
-    session: Session, table: Table, columns: list[str], after: int, limit: int
-) -> Sequence[Sequence[Any]]:
-    """The next rows after id ``after``. On PostgreSQL straight from psycopg (tuples,
-    timestamps in UTC): the shipper's hot path skips SQLAlchemy's row processing."""
-    connection = session.connection()
-    if connection.dialect.name != "postgresql":
-        query = select(table).where(table.c.id > after).order_by(table.c.id).limit(limit)
-        return connection.execute(query).all()
-    raw = connection.connection.driver_connection
-    assert raw is not None
-    names = sql.SQL(", ").join(sql.Identifier(name) for name in columns)
-    with raw.cursor() as cursor:
-        cursor.execute("SET LOCAL TIME ZONE 'UTC'")
-        cursor.execute(
-            sql.SQL("SELECT {} FROM {} WHERE id > %s ORDER BY id LIMIT %s").format(
-                names, sql.Identifier(table.name)
-            ),
-            (after, limit),
-        )
-        rows: Sequence[Sequence[Any]] = cursor.fetchall()
-        return rows
+def _page(session: Session, table: Table, after: int, limit: int) -> Sequence[Sequence[Any]]:
+    """The next rows after id ``after`` (SQLite; PostgreSQL reads through :class:`_Pages`)."""
+    query = select(table).where(table.c.id > after).order_by(table.c.id).limit(limit)
+    return session.connection().execute(query).all()
 
 
 def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | None) -> int:
@@ -154,6 +144,83 @@ def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | No
             return index
         expected = number + 1
     return len(rows)
+
+
+# A timestamptz as Python's datetime.isoformat() writes it in UTC (microseconds only when
+# there are some), so that rows rendered by PostgreSQL make the same events.
+_ISO_UTC = (
+    "to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN "
+    "date_part('microseconds', {c})::bigint %% 1000000 = 0 THEN '' "
+    "ELSE to_char({c} AT TIME ZONE 'UTC', '.US') END || '+00:00'"
+)
+
+
+def _rendered_page(
+    connection: Any, table: Table, after: int, limit: int
+) -> Sequence[Sequence[Any]]:
+    """PostgreSQL: the next rows after id ``after`` as ``(id, metadata, document)``, the
+    document every other column as one JSON object that PostgreSQL renders (on its own
+    core, while this process ships the page before)."""
+    fields: list[sql.Composable] = []
+    for column in table.c:
+        if column.name in ("metadata", "id"):
+            continue
+        name = sql.Identifier(column.name)
+        value = (
+            sql.SQL(_ISO_UTC).format(c=name)
+            if isinstance(column.type, DateTime | UTCDateTime)
+            else name
+        )
+        fields += [sql.Literal(column.name), value]
+    document = sql.SQL("json_build_object('id', id, {})::text").format(sql.SQL(", ").join(fields))
+    query = sql.SQL("SELECT id, metadata, {} FROM {} WHERE id > %s ORDER BY id LIMIT %s")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(query.format(document, sql.Identifier(table.name)), (after, limit))
+            rows: Sequence[Sequence[Any]] = cursor.fetchall()
+    finally:
+        connection.rollback()  # no transaction left open between pages
+    return rows
+
+
+class _Pages:
+    """A source's pages on PostgreSQL, on a connection of their own: while one page is
+    shipped, the next (after its last id) is read in a thread. A page asked for after any
+    other id (a gap stopped the batch short) is read then, and the one read ahead dropped.
+    Reading ahead is safe: audit rows are only ever appended, and the shipper holds the
+    sink's lock, so nothing but this run moves its cursors."""
+
+    def __init__(self, rt: Runtime, table: Table, batch_size: int) -> None:
+        self.table = table
+        self.batch_size = batch_size
+        self.pooled = rt.engine.raw_connection()
+        self.connection = self.pooled.driver_connection
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="audit-read-ahead")
+        self.ahead: tuple[int, Future[Sequence[Sequence[Any]]]] | None = None
+
+    def read(self, after: int) -> Sequence[Sequence[Any]]:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == after:
+            rows = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].exception()  # wait for it: the connection is shared
+            rows = _rendered_page(self.connection, self.table, after, self.batch_size)
+        if len(rows) == self.batch_size:
+            last = int(rows[-1][0])
+            self.ahead = (
+                last,
+                self.reader.submit(
+                    _rendered_page, self.connection, self.table, last, self.batch_size
+                ),
+            )
+        return rows
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].exception()
+        self.reader.shutdown(wait=True)
+        self.pooled.close()
 
 
 class Shipper:
@@ -188,8 +255,13 @@ class Shipper:
             self.sink.recover(state.segment, state.offset)
         try:
             for source in SOURCES:
-                while time.monotonic() < self.deadline and self._batch(source):
-                    pass
+                pages = self._pages(source)
+                try:
+                    while time.monotonic() < self.deadline and self._batch(source, pages):
+                        pass
+                finally:
+                    if pages is not None:
+                        pages.close()
             self._checkpoint_if_due(force=False)
         except SinkUnavailable as exc:
             self.run.error = str(exc)
@@ -218,7 +290,12 @@ class Shipper:
             resume=f"fleet audit resume {self.sink.name}",
         )
 
-    def _batch(self, source: str) -> bool:
+    def _pages(self, source: str) -> _Pages | None:
+        if self.rt.engine.dialect.name != "postgresql":
+            return None
+        return _Pages(self.rt, TABLES[source], self.batch_size)
+
+    def _batch(self, source: str, pages: _Pages | None) -> bool:
         """Ship one batch of ``source``; False when there was nothing to ship."""
         from monitoring import metrics
 
@@ -228,7 +305,11 @@ class Shipper:
             cursor = _cursor(session, source, self.sink.name, now)
             columns = list(table.c.keys())
             stamps = [c.key for c in table.c if isinstance(c.type, DateTime | UTCDateTime)]
-            rows = _page(session, table, columns, cursor.last_id, self.batch_size)
+            rows = (
+                pages.read(cursor.last_id)
+                if pages is not None
+                else _page(session, table, cursor.last_id, self.batch_size)
+            )
             if rows:
                 rows = self._settled(session, source, cursor, rows, now)
             if not rows:
@@ -237,7 +318,11 @@ class Shipper:
             chain = Chain(state.seq, state.head_hash)
             events, chained = [], []
             for row in rows:
-                rendered = render_values(source, columns, row, self.protector, stamps)
+                rendered = (
+                    render_document(source, row[2], row[1], self.protector)
+                    if pages is not None
+                    else render_values(source, columns, row, self.protector, stamps)
+                )
                 if rendered.malformed:
                     self.run.malformed += 1
                     metrics.AUDIT_MALFORMED.labels(source).inc()

@@ -489,3 +489,71 @@ def test_sqlite_gaps_are_final_when_seen(
         assert verify([archive], hmac_key(settings)).ok
     finally:
         runtime.close()
+
+
+def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime) -> None:
+    """The PostgreSQL hot path (JSON built by the server) and the row-by-row path make the
+    same events, byte for byte once canonical: timestamps with and without microseconds,
+    NULLs, unicode, quotes, sensitive rows, malformed and JSONB metadata, every source."""
+    from sqlalchemy import select
+
+    from tasks.audit import TABLES, _rendered_page
+    from tasks.audit.events import Protector, canonical, render_document, render_values
+
+    whole = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    rows = [
+        {"timestamp": whole, "tenant_id": None, "metadata": None, "sensitive": False},
+        {
+            "timestamp": whole.replace(microsecond=120000),
+            "tenant_id": "t-ü\"'\\",
+            "metadata": '{"value": "é😀", "password": "x", "n": 1.5e-7, "big": 12345678901234}',
+            "sensitive": True,
+        },
+        {"timestamp": whole.replace(microsecond=7), "tenant_id": "t", "metadata": "{oops"},
+    ]
+    with rt.engine.begin() as connection:
+        for i, extra in enumerate(rows):
+            values = {
+                "action": "SET",
+                "key": f"k.{i}",
+                "environment": "production",
+                "scope": "environment",
+                "version": None,
+                "user_id": "admin\n\t",
+                "checksum": "c",
+                "sensitive": False,
+                **extra,
+            }
+            connection.execute(insert(ConfigurationAuditLog.__table__), values)
+        connection.execute(
+            insert(FeatureFlagAuditLog.__table__),
+            {
+                "flag_key": "f",
+                "action": "UPDATE",
+                "user_id": None,
+                "timestamp": whole,
+                "metadata": "[]",
+            },
+        )
+    with rt.sessions.begin() as session:
+        record(session, "canary_verdict", "deploy-1", whole, verdict="pass", score=0.25)
+    protector = Protector(b"k" * 32)
+    compared = 0
+    for source, table in TABLES.items():
+        with rt.engine.connect() as connection:
+            connection.exec_driver_sql("SET TIME ZONE 'UTC'")
+            plain = connection.execute(select(table).order_by(table.c.id)).all()
+        raw = rt.engine.raw_connection()
+        try:
+            rendered = _rendered_page(raw.driver_connection, table, 0, 100)
+        finally:
+            raw.close()
+        assert len(rendered) == len(plain) > 0
+        columns = list(table.c.keys())
+        for by_python, by_postgres in zip(plain, rendered, strict=True):
+            expected = render_values(source, columns, tuple(by_python), protector)
+            got = render_document(source, by_postgres[2], by_postgres[1], protector)
+            assert canonical(got.event) == canonical(expected.event)
+            assert got.malformed == expected.malformed
+            compared += 1
+    assert compared == 5
