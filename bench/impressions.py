@@ -189,7 +189,8 @@ def main() -> None:
         _seed_flags(url)
         print(
             f"{TOTAL:,} impressions: 50 flags, 3 environments, 2-3 variants, 10,000 users, "
-            "100 tenants; batches of 5,000"
+            "100 tenants; batches of 5,000 (committed in groups of up to 50,000 under a "
+            "backlog)"
         )
         rates: dict[int, float] = {}
         for workers in (1, 2):

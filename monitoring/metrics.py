@@ -97,7 +97,7 @@ IMPRESSIONS_DEAD_LETTERED = Counter(
 )
 IMPRESSIONS_BATCH_SECONDS = Histogram(
     "fleet_impressions_batch_seconds",
-    "Time to take, count, commit and clean up one batch of impressions.",
+    "Time to commit and clean up one batch of impressions, or a group committed together.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 IMPRESSIONS_RECOVERED_BATCHES = Counter(

@@ -36,17 +36,20 @@ def die() -> None:
 
 
 # point -> (where the step lives, its name, die before it runs or after it returns)
-STEPS: dict[str, tuple[Any, str, bool]] = {
-    "mid_aggregation": (job, "aggregate", False),
-    "mid_transaction": (job, "apply_batch", False),  # rows written, not yet committed
-    "after_commit": (job.UserSketches, "add", True),
-    "before_finish": (ImpressionQueue, "finish", True),
-    "after_finish": (ImpressionQueue, "finish", False),
+STEPS: dict[str, list[tuple[Any, str, bool]]] = {
+    "mid_aggregation": [(job, "aggregate", False)],
+    # rows written, not yet committed: one batch alone, or a group committed together
+    "mid_transaction": [(job, "apply_batch", False), (job, "apply_batches", False)],
+    "after_commit": [(job.UserSketches, "add", True)],
+    "before_finish": [(ImpressionQueue, "finish", True)],
+    "after_finish": [(ImpressionQueue, "finish", False)],
 }
 
 
 def arm(point: str, on_batch: int) -> None:
-    """Count batches as they are taken; die at ``point`` of batch number ``on_batch``."""
+    """Count batches as they are taken; die at ``point`` the first time it is reached once
+    batch number ``on_batch`` has been taken (the commit of a batch runs beside the taking
+    of the next ones, so it may be reached a few batches later)."""
     seen = {"batches": 0}
     original_take = ImpressionQueue.take
 
@@ -59,21 +62,21 @@ def arm(point: str, on_batch: int) -> None:
         return batch
 
     ImpressionQueue.take = take  # type: ignore[method-assign]
-    if point not in STEPS:
-        return
-    owner, name, before = STEPS[point]
-    original = getattr(owner, name)
+    for owner, name, before in STEPS.get(point, []):
+        setattr(owner, name, _dying(getattr(owner, name), before, seen, on_batch))
 
+
+def _dying(original: Any, before: bool, seen: dict[str, int], on_batch: int) -> Any:
     @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
-        if before and seen["batches"] == on_batch:
+        if before and seen["batches"] >= on_batch:
             die()
         result = original(*args, **kwargs)
-        if not before and seen["batches"] == on_batch:
+        if not before and seen["batches"] >= on_batch:
             die()
         return result
 
-    setattr(owner, name, step)
+    return step
 
 
 def main() -> None:

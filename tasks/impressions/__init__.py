@@ -20,9 +20,9 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from tasks.impressions.queue import Batch, ImpressionQueue
-from tasks.impressions.records import Aggregate, aggregate
+from tasks.impressions.records import Aggregate, aggregate, merge
 from tasks.impressions.rollup import fold_minutes
-from tasks.impressions.store import apply_batch
+from tasks.impressions.store import AlreadyApplied, Prepared, apply_batch, apply_batches
 from tasks.impressions.users import UserSketches, persist_users
 from workers.jobs import RetryPolicy, job
 from workers.logs import get_logger
@@ -62,6 +62,14 @@ class DrainSummary:
         }
 
 
+# While the committer is busy, batches taken meanwhile are committed together, up to this
+# many impressions: one transaction, each batch in the ledger, their counts summed first
+# (a backlog then writes far fewer rows). Idle, each batch commits on its own at once.
+GROUP_IMPRESSIONS = 50_000
+
+Taken = tuple[Batch, Aggregate]
+
+
 def process(
     rt: Runtime,
     queue: ImpressionQueue,
@@ -70,30 +78,67 @@ def process(
     summary: DrainSummary,
 ) -> None:
     """Count one batch, start to finish, in this thread."""
-    commit(rt, queue, sketches, batch, count(rt, batch), summary)
+    commit(rt, queue, sketches, [(batch, count(rt, batch))], summary)
 
 
 def count(rt: Runtime, batch: Batch) -> Aggregate:
     return aggregate(batch.items, datetime.now(UTC), rt.settings.impressions_future_skew)
 
 
+def prepare(rt: Runtime, group: list[Taken]) -> Prepared | None:
+    """A group's sum, ready to write; None for a single batch (written as it is)."""
+    if len(group) == 1:
+        return None
+    return Prepared.of(merge([counts for _, counts in group]), rt.engine.dialect.name)
+
+
 def commit(
     rt: Runtime,
     queue: ImpressionQueue,
     sketches: UserSketches,
-    batch: Batch,
-    counts: Aggregate,
+    group: list[Taken],
     summary: DrainSummary,
+    prepared: Prepared | None = None,
 ) -> None:
-    """Counts committed with the batch id (once), users added (idempotent), then dead
-    letters pushed and the batch forgotten (once): in this order, always."""
+    """Counts committed with the batch ids (once), users added (idempotent), then each
+    batch's dead letters pushed and the batch forgotten (once): in this order, always."""
     from monitoring import metrics
 
     started = time.perf_counter()
     now = datetime.now(UTC)
-    with rt.engine.begin() as connection:
-        applied = apply_batch(connection, batch.id, counts, now)
-    sketches.add(counts.users)
+    if len(group) == 1:
+        batch, counts = group[0]
+        with rt.engine.begin() as connection:
+            applied = [apply_batch(connection, batch.id, counts, now)]
+        total = counts
+    else:
+        ready = prepared or prepare(rt, group)
+        assert ready is not None
+        total = ready.agg
+        try:
+            with rt.engine.begin() as connection:
+                apply_batches(connection, [(b.id, counts) for b, counts in group], ready, now)
+            applied = [True] * len(group)
+        except AlreadyApplied:  # not for batches taken fresh; then one at a time
+            for taken in group:
+                commit(rt, queue, sketches, [taken], summary)
+            return
+    sketches.add(total.users)
+    for (batch, counts), done in zip(group, applied, strict=True):
+        _finish(queue, batch, counts, done, now, summary)
+    metrics.IMPRESSIONS_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+def _finish(
+    queue: ImpressionQueue,
+    batch: Batch,
+    counts: Aggregate,
+    applied: bool,
+    now: datetime,
+    summary: DrainSummary,
+) -> None:
+    from monitoring import metrics
+
     pushed = queue.finish(batch, [letter.encode(batch.id, now) for letter in counts.dead])
     summary.batches += 1
     summary.impressions += len(batch.items)
@@ -116,7 +161,6 @@ def commit(
             first_reason=first.reason,
             first_detail=first.detail,
         )
-    metrics.IMPRESSIONS_BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
 def recover(
@@ -125,14 +169,17 @@ def recover(
     from monitoring import metrics
 
     timeout = rt.settings.impressions_inflight_timeout.total_seconds()
-    for batch_id in queue.orphans(time.time(), timeout):
-        batch = queue.take_over(batch_id, time.time(), timeout)
-        if batch is None:
-            continue  # another worker took it first
-        log.warning("impressions_batch_recovered", batch=batch.id, impressions=len(batch.items))
-        summary.recovered_batches += 1
-        metrics.IMPRESSIONS_RECOVERED_BATCHES.inc()
-        process(rt, queue, sketches, batch, summary)
+    # A dead worker can leave two groups of batches in flight: take them all, ten at a time
+    # (a batch taken over, or finished meanwhile, is not listed again).
+    while orphans := queue.orphans(time.time(), timeout):
+        for batch_id in orphans:
+            batch = queue.take_over(batch_id, time.time(), timeout)
+            if batch is None:
+                continue  # another worker took it first
+            log.warning("impressions_batch_recovered", batch=batch.id, impressions=len(batch.items))
+            summary.recovered_batches += 1
+            metrics.IMPRESSIONS_RECOVERED_BATCHES.inc()
+            process(rt, queue, sketches, batch, summary)
 
 
 def drain(
@@ -140,9 +187,10 @@ def drain(
 ) -> dict[str, Any]:
     """Recover orphans, then drain until empty or out of time.
 
-    Two stages overlap: while one thread commits batch N (the database works on the other
-    core), this one takes and counts batch N+1. Each batch still goes through
-    :func:`commit` in order, one at a time; at most one batch waits between the stages.
+    Two stages overlap: while one thread commits, this one takes and counts the next
+    batches. Batches counted while the committer is busy are committed together when it is
+    free (up to :data:`GROUP_IMPRESSIONS`); groups go through :func:`commit` in order, one
+    at a time, so at most two groups are in flight.
     """
     queue = ImpressionQueue(rt.redis)
     sketches = UserSketches(rt.redis, rt.engine)
@@ -150,8 +198,10 @@ def drain(
     started = time.monotonic()
     recover(rt, queue, sketches, summary)
     taken = 0
+    limit = max(1, GROUP_IMPRESSIONS // batch_size)
     with ThreadPoolExecutor(1, thread_name_prefix="impressions-commit") as committer:
         pending: Future[None] | None = None
+        group: list[Taken] = []
         while time.monotonic() - started < budget_seconds:
             if max_batches is not None and taken >= max_batches:
                 break
@@ -159,12 +209,19 @@ def drain(
             if batch is None:
                 break
             taken += 1
-            counts = count(rt, batch)
+            group.append((batch, count(rt, batch)))
             if pending is not None:
+                if not pending.done() and len(group) < limit:
+                    continue  # the committer is busy: gather
                 pending.result()  # the previous commit, and its error if any
-            pending = committer.submit(commit, rt, queue, sketches, batch, counts, summary)
+            # Summed and made ready here, while the committer is busy with the database.
+            ready = prepare(rt, group)
+            pending = committer.submit(commit, rt, queue, sketches, group, summary, ready)
+            group = []
         if pending is not None:
             pending.result()
+        if group:
+            commit(rt, queue, sketches, group, summary)
     summary.users_sketches_saved = persist_users(rt.redis, rt.engine, datetime.now(UTC))
     summary.seconds = time.monotonic() - started
     result = summary.as_dict(queue)

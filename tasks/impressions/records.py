@@ -68,6 +68,30 @@ class Aggregate:
         return Counter(letter.reason for letter in self.dead)
 
 
+def merge(parts: list[Aggregate]) -> Aggregate:
+    """The sum of several batches' aggregates (their dead letters stay with each batch)."""
+    if len(parts) == 1:
+        return parts[0]
+    total = Aggregate()
+    for part in parts:
+        total.counts.update(part.counts)
+        for key, (number, last) in part.flags.items():
+            per_flag = total.flags.get(key)
+            if per_flag is None:
+                total.flags[key] = [number, last]
+            else:
+                per_flag[0] += number
+                per_flag[1] = max(per_flag[1], last)
+        for users_key, members in part.users.items():
+            known = total.users.get(users_key)
+            if known is None:
+                total.users[users_key] = set(members)
+            else:
+                known.update(members)
+        total.impressions += part.impressions
+    return total
+
+
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason

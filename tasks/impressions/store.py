@@ -9,6 +9,7 @@ in sorted order so that concurrent drainers never deadlock.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -60,28 +61,64 @@ def claim_batch(connection: Connection, batch_id: str, agg: Aggregate, now: date
     return connection.execute(statement).first() is not None
 
 
+class AlreadyApplied(Exception):
+    """One of a group's batches was applied before: roll back, apply them one by one."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a commit writes, worked out beforehand (and in another thread than the one
+    waiting on the database): the counts sorted by key, and for PostgreSQL as COPY text."""
+
+    agg: Aggregate
+    rows: list[Any]
+    copy: bytes | None
+
+    @classmethod
+    def of(cls, agg: Aggregate, dialect: str) -> Prepared:
+        rows = sorted(
+            agg.counts.items(), key=lambda item: (*item[0][:3], item[0][3] or "", item[0][4])
+        )
+        return cls(agg, rows, _copy_text(rows) if dialect == "postgresql" and rows else None)
+
+
+def apply_batches(
+    connection: Connection, batches: list[tuple[str, Aggregate]], prepared: Prepared, now: datetime
+) -> None:
+    """Several batches at once, in the caller's transaction: each recorded in the ledger
+    with its own figures, ``prepared`` (their sum) written once. Raises
+    :class:`AlreadyApplied` when any of them was applied before (the caller rolls back)."""
+    for batch_id, counts in batches:
+        if not claim_batch(connection, batch_id, counts, now):
+            raise AlreadyApplied(batch_id)
+    _write(connection, prepared)
+
+
 def apply_batch(connection: Connection, batch_id: str, agg: Aggregate, now: datetime) -> bool:
     """Everything a batch adds, in the caller's transaction. False: applied before."""
     if not claim_batch(connection, batch_id, agg, now):
         return False
-    rows = sorted(agg.counts.items(), key=lambda item: (*item[0][:3], item[0][3] or "", item[0][4]))
-    if rows:
-        if connection.dialect.name == "postgresql":
-            _copy_counts(connection, rows)
-        else:
-            _upsert_counts(connection, rows)
-    _update_flags(connection, agg)
+    _write(connection, Prepared.of(agg, connection.dialect.name))
     return True
 
 
-def _copy_counts(connection: Connection, rows: list[Any]) -> None:
+def _write(connection: Connection, prepared: Prepared) -> None:
+    if prepared.rows:
+        if prepared.copy is not None and connection.dialect.name == "postgresql":
+            _copy_counts(connection, prepared.copy)
+        else:
+            _upsert_counts(connection, prepared.rows)
+    _update_flags(connection, prepared.agg)
+
+
+def _copy_counts(connection: Connection, text: bytes) -> None:
     """PostgreSQL: COPY into a session-local stage, then one additive upsert."""
     raw = connection.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
         cursor.execute(_CREATE_STAGE)
         with cursor.copy(_COPY_STAGE) as copy:
-            copy.write(_copy_text(rows))
+            copy.write(text)
         cursor.execute(_MERGE_STAGE)
         cursor.execute("TRUNCATE impression_stage")
 
