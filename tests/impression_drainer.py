@@ -37,7 +37,7 @@ def die() -> None:
 
 # point -> (where the step lives, its name, die before it runs or after it returns)
 STEPS: dict[str, list[tuple[Any, str, bool]]] = {
-    "mid_aggregation": [(job, "aggregate", False)],
+    "mid_aggregation": [(job.Tally, "add", False), (job.Tally, "total", False)],
     # rows written, not yet committed: one batch alone, or a group committed together
     "mid_transaction": [(job, "apply_batch", False), (job, "apply_batches", False)],
     "after_commit": [(job.UserSketches, "add", True)],

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from tasks.impressions.queue import Batch, ImpressionQueue
-from tasks.impressions.records import Aggregate, aggregate, merge
+from tasks.impressions.records import Counted, Tally
 from tasks.impressions.rollup import fold_minutes
 from tasks.impressions.store import AlreadyApplied, Prepared, apply_batch, apply_batches
 from tasks.impressions.users import UserSketches, persist_users
@@ -65,9 +65,9 @@ class DrainSummary:
 # While the committer is busy, batches taken meanwhile are committed together, up to this
 # many impressions: one transaction, each batch in the ledger, their counts summed first
 # (a backlog then writes far fewer rows). Idle, each batch commits on its own at once.
-GROUP_IMPRESSIONS = 50_000
+GROUP_IMPRESSIONS = 100_000
 
-Taken = tuple[Batch, Aggregate]
+Taken = tuple[Batch, Counted]
 
 
 def process(
@@ -78,18 +78,18 @@ def process(
     summary: DrainSummary,
 ) -> None:
     """Count one batch, start to finish, in this thread."""
-    commit(rt, queue, sketches, [(batch, count(rt, batch))], summary)
+    tally = Tally()
+    counted = count(rt, tally, batch)
+    commit(rt, queue, sketches, [(batch, counted)], summary, prepare(rt, tally))
 
 
-def count(rt: Runtime, batch: Batch) -> Aggregate:
-    return aggregate(batch.items, datetime.now(UTC), rt.settings.impressions_future_skew)
+def count(rt: Runtime, tally: Tally, batch: Batch) -> Counted:
+    return tally.add(batch.items, datetime.now(UTC), rt.settings.impressions_future_skew)
 
 
-def prepare(rt: Runtime, group: list[Taken]) -> Prepared | None:
-    """A group's sum, ready to write; None for a single batch (written as it is)."""
-    if len(group) == 1:
-        return None
-    return Prepared.of(merge([counts for _, counts in group]), rt.engine.dialect.name)
+def prepare(rt: Runtime, tally: Tally) -> Prepared:
+    """A group's sum, ready to write."""
+    return Prepared.of(tally.total(), rt.engine.dialect.name)
 
 
 def commit(
@@ -98,7 +98,7 @@ def commit(
     sketches: UserSketches,
     group: list[Taken],
     summary: DrainSummary,
-    prepared: Prepared | None = None,
+    prepared: Prepared,
 ) -> None:
     """Counts committed with the batch ids (once), users added (idempotent), then each
     batch's dead letters pushed and the batch forgotten (once): in this order, always."""
@@ -106,33 +106,29 @@ def commit(
 
     started = time.perf_counter()
     now = datetime.now(UTC)
-    if len(group) == 1:
-        batch, counts = group[0]
+    try:
         with rt.engine.begin() as connection:
-            applied = [apply_batch(connection, batch.id, counts, now)]
-        total = counts
-    else:
-        ready = prepared or prepare(rt, group)
-        assert ready is not None
-        total = ready.agg
-        try:
-            with rt.engine.begin() as connection:
-                apply_batches(connection, [(b.id, counts) for b, counts in group], ready, now)
-            applied = [True] * len(group)
-        except AlreadyApplied:  # not for batches taken fresh; then one at a time
-            for taken in group:
-                commit(rt, queue, sketches, [taken], summary)
+            if len(group) == 1:
+                apply_batch(connection, group[0][0].id, group[0][1], prepared, now)
+            else:
+                apply_batches(connection, [(b.id, counted) for b, counted in group], prepared, now)
+    except AlreadyApplied:  # rolled back; never for batches taken fresh
+        if len(group) == 1:  # taken over, and its first worker committed it after all
+            _finish(queue, *group[0], False, now, summary)
             return
-    sketches.add(total.users)
-    for (batch, counts), done in zip(group, applied, strict=True):
-        _finish(queue, batch, counts, done, now, summary)
+        for batch, _ in group:  # one at a time: the others still count
+            process(rt, queue, sketches, batch, summary)
+        return
+    sketches.add(prepared.agg.users)
+    for batch, counted in group:
+        _finish(queue, batch, counted, True, now, summary)
     metrics.IMPRESSIONS_BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
 def _finish(
     queue: ImpressionQueue,
     batch: Batch,
-    counts: Aggregate,
+    counts: Counted,
     applied: bool,
     now: datetime,
     summary: DrainSummary,
@@ -198,10 +194,10 @@ def drain(
     started = time.monotonic()
     recover(rt, queue, sketches, summary)
     taken = 0
-    limit = max(1, GROUP_IMPRESSIONS // batch_size)
     with ThreadPoolExecutor(1, thread_name_prefix="impressions-commit") as committer:
         pending: Future[None] | None = None
         group: list[Taken] = []
+        tally, gathered = Tally(), 0
         while time.monotonic() - started < budget_seconds:
             if max_batches is not None and taken >= max_batches:
                 break
@@ -209,19 +205,20 @@ def drain(
             if batch is None:
                 break
             taken += 1
-            group.append((batch, count(rt, batch)))
+            group.append((batch, count(rt, tally, batch)))
+            gathered += len(batch.items)
             if pending is not None:
-                if not pending.done() and len(group) < limit:
+                if not pending.done() and gathered < GROUP_IMPRESSIONS:
                     continue  # the committer is busy: gather
                 pending.result()  # the previous commit, and its error if any
             # Summed and made ready here, while the committer is busy with the database.
-            ready = prepare(rt, group)
+            ready = prepare(rt, tally)
             pending = committer.submit(commit, rt, queue, sketches, group, summary, ready)
-            group = []
+            group, tally, gathered = [], Tally(), 0
         if pending is not None:
             pending.result()
         if group:
-            commit(rt, queue, sketches, group, summary)
+            commit(rt, queue, sketches, group, summary, prepare(rt, tally))
     summary.users_sketches_saved = persist_users(rt.redis, rt.engine, datetime.now(UTC))
     summary.seconds = time.monotonic() - started
     result = summary.as_dict(queue)

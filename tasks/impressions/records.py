@@ -9,11 +9,13 @@ that cannot be counted is never dropped and never blocks the others: it becomes 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from itertools import chain
+from operator import attrgetter, itemgetter
+from typing import Annotated, Any, cast
 
 import msgspec
 import orjson
@@ -145,21 +147,38 @@ _decode_one = msgspec.json.Decoder(_Impression).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
 
-def _decoded(items: list[bytes]) -> Iterable[tuple[bytes, _Impression | None]]:
-    """Each payload with its record, or None when it is not a well-formed impression.
+@dataclass
+class _Decoded:
+    """A batch decoded: ``records`` when every payload is a well-formed impression."""
 
-    The whole batch is first decoded as one JSON array, in one call: the common case of a
-    batch with nothing wrong. Joining cannot hide a bad payload: JSON has no empty array
+    items: list[bytes]
+    records: list[_Impression] | None
+
+    def pairs(self) -> Iterable[tuple[bytes, _Impression | None]]:
+        """Each payload with its record, or None when it is not a well-formed impression."""
+        if self.records is not None:
+            return zip(self.items, self.records, strict=True)
+        return ((item, _one(item)) for item in self.items)
+
+
+def _decoded(items: list[bytes]) -> _Decoded:
+    """The whole batch is first decoded as one JSON array, in one call: the common case of
+    a batch with nothing wrong. Joining cannot hide a bad payload: JSON has no empty array
     elements, so as many records as payloads means one record per payload.
     """
     if items:
         try:
-            records = _decode_batch(b"[" + b",".join(items) + b"]")
+            # Brackets added to the first and last payloads, not to a copy of the batch.
+            ends = list(items)
+            ends[0], ends[-1] = b"[" + ends[0], ends[-1] + b"]"
+            if len(items) == 1:
+                ends[0] = b"[" + items[0] + b"]"
+            records = _decode_batch(b",".join(ends))
         except _DECODE_ERRORS:
             records = []
         if len(records) == len(items):
-            return zip(items, records, strict=True)
-    return ((item, _one(item)) for item in items)
+            return _Decoded(items, records)
+    return _Decoded(items, None)
 
 
 def _one(item: bytes) -> _Impression | None:
@@ -170,22 +189,127 @@ def _one(item: bytes) -> _Impression | None:
 
 
 def aggregate(raw: Iterable[bytes | str], now: datetime, skew: timedelta) -> Aggregate:
-    """Parse, check and add up one batch. Never raises on a bad record.
+    """Parse, check and add up one batch. Never raises on a bad record."""
+    tally = Tally()
+    counted = tally.add(raw, now, skew)
+    result = tally.total()
+    result.dead = counted.dead
+    return result
 
-    This is the hot path of the fleet (every evaluation of every flag passes here), so the
-    loop does little: msgspec decodes and type-checks the records in C, ``fromisoformat``
-    checks each timestamp, and a naive timestamp (as the platform writes them) is bucketed
-    by its text (``2026-03-01T12:00``), which :func:`_finish` turns into datetimes once
-    per bucket. A record msgspec refuses goes through :func:`_classify`, which finds the
-    reason or, for an id given as a number, still counts it.
+
+@dataclass(frozen=True)
+class Counted:
+    """What one batch of a :class:`Tally` brought: its own figures for the batch ledger,
+    and its dead letters."""
+
+    impressions: int
+    dead: list[DeadLetter]
+
+    @property
+    def dead_by_reason(self) -> Counter[str]:
+        return Counter(letter.reason for letter in self.dead)
+
+
+_by_flag = itemgetter(0, 1)
+_minute_of = itemgetter(4)
+
+
+class Tally:
+    """Batches added up. This is the hot path of the fleet: every evaluation of every flag
+    passes here.
+
+    A batch in which every record is well formed, naive-timestamped (as the platform writes
+    them) and not in the future, nearly every batch, is checked a column at a time with the
+    per-record work in C, and only its keys are listed (minute and day as text); the keys
+    of all batches are counted in one pass, and texts become datetimes once per distinct
+    key, in :meth:`total`. Any other batch goes record by record (:func:`_by_record`), which
+    finds each bad record's reason, or, for an id given as a number, still counts it.
     """
+
+    def __init__(self) -> None:
+        self._keys: list[list[Any]] = []  # per batch taken whole: its count keys
+        self._last: list[dict[tuple[str, str], datetime]] = []  # and its latest per flag
+        self._users: defaultdict[Any, set[str | None]] = defaultdict(set)
+        self._parts: list[Aggregate] = []  # batches taken record by record
+
+    def add(self, raw: Iterable[bytes | str], now: datetime, skew: timedelta) -> Counted:
+        latest = (now + skew).astimezone(UTC).replace(tzinfo=None)
+        items = [item if isinstance(item, bytes) else item.encode() for item in raw]
+        decoded = _decoded(items)
+        if decoded.records is not None and self._add_whole(decoded.records, latest):
+            return Counted(len(items), [])
+        part = _by_record(decoded, latest, now)
+        self._parts.append(part)
+        return Counted(part.impressions, part.dead)
+
+    def _add_whole(self, records: list[_Impression], latest: datetime) -> bool:
+        """Every check of :func:`_by_record`, made on the whole batch: each timestamp parses
+        (``map``), none carries an offset (``max`` of naive and aware ones raises, and an
+        aware maximum means all are), none is in the future, and each distinct minute text
+        and name is checked once. False: the batch needs a closer look."""
+        stamps = [record.timestamp for record in records]
+        try:
+            moments = list(map(datetime.fromisoformat, stamps))
+            top = max(moments)
+            if top.tzinfo is not None or top > latest:
+                return False
+        except (ValueError, TypeError):
+            return False
+        if not all(len(minute) == 16 and minute[13] == ":" for minute in {s[:16] for s in stamps}):
+            return False
+        for field_name in ("flag_key", "environment", "variant"):
+            if any(name.isspace() for name in set(map(attrgetter(field_name), records))):
+                return False
+        keys = [
+            (r.flag_key, r.environment, r.variant, r.tenant_id, s[:16])
+            for r, s in zip(records, stamps, strict=True)
+        ]
+        if moments == sorted(moments):  # FIFO: each flag's last record is its latest
+            last = dict(zip(map(_by_flag, keys), moments, strict=True))
+        else:
+            last = {}
+            for flag, moment in zip(map(_by_flag, keys), moments, strict=True):
+                if flag not in last or moment > last[flag]:
+                    last[flag] = moment
+        users = self._users
+        for r in records:
+            users[(r.flag_key, r.environment, r.variant, r.timestamp[:10])].add(r.user_id)
+        self._keys.append(keys)
+        self._last.append(last)
+        return True
+
+    def total(self) -> Aggregate:
+        """The sum of every batch added (their dead letters stay with each batch)."""
+        counts: Counter[Any] = Counter(chain.from_iterable(self._keys))
+        result = Aggregate()
+        flags = result.flags
+        for (flag, environment, _, _, _), number in counts.items():
+            per_flag = flags.get((flag, environment))
+            if per_flag is None:
+                flags[(flag, environment)] = [number, None]
+            else:
+                per_flag[0] += number
+        for last in self._last:
+            for flag_env, moment in last.items():
+                per_flag = flags[flag_env]
+                if per_flag[1] is None or moment > per_flag[1]:
+                    per_flag[1] = moment
+        users: dict[Any, set[str]] = {}
+        for key, members in self._users.items():
+            members.discard(None)  # anonymous evaluations count, but are no user
+            if members:
+                users[key] = cast(set[str], members)
+        _finish(result, counts, users)
+        return merge([result, *self._parts]) if self._parts else result
+
+
+def _by_record(decoded: _Decoded, latest: datetime, now: datetime) -> Aggregate:
+    """Any batch, one record at a time, dead letters found and kept."""
     result = Aggregate()
-    latest = (now + skew).astimezone(UTC).replace(tzinfo=None)
-    items = [item if isinstance(item, bytes) else item.encode() for item in raw]
     counts: Counter[Any] = Counter()
     users: dict[Any, set[str]] = {}
     flags, from_iso = result.flags, datetime.fromisoformat
-    for payload, record in _decoded(items):
+    for payload, record in decoded.pairs():
         fast = _fast(record, from_iso)
         if fast is not None:
             flag, environment, variant, tenant, user, moment, minute, day = fast
@@ -257,14 +381,22 @@ def _as_minute(key: str | datetime) -> datetime:
 def _finish(result: Aggregate, counts: Counter[Any], users: dict[Any, set[str]]) -> None:
     """Text buckets and days become aware datetimes and dates, once per distinct key.
     Two spellings of one minute (``T`` or a space) land on the same key."""
-    minutes: dict[Any, datetime] = {}
-    for (flag, environment, variant, tenant, bucket), number in counts.items():
-        minute = minutes.get(bucket)
-        if minute is None:
-            minute = minutes[bucket] = _as_minute(bucket)
-        result.counts[(flag, environment, variant, tenant, minute)] += number
+    minutes = {bucket: _as_minute(bucket) for bucket in {key[4] for key in counts}}
+    if len(set(minutes.values())) == len(minutes) and not any(key[3] == "" for key in counts):
+        result.counts = Counter(
+            {
+                (f, e, v, t, minutes[bucket]): number
+                for (f, e, v, t, bucket), number in counts.items()
+            }
+        )
+    else:  # a minute spelt two ways, or a blank tenant, which is no tenant: keys merge
+        for (flag, environment, variant, tenant, bucket), number in counts.items():
+            result.counts[(flag, environment, variant, tenant or None, minutes[bucket])] += number
+    days: dict[Any, date] = {}
     for (flag, environment, variant, day), members in users.items():
-        moment = date.fromisoformat(day) if isinstance(day, str) else day
+        moment = days.get(day)
+        if moment is None:
+            moment = days[day] = date.fromisoformat(day) if isinstance(day, str) else day
         result.users.setdefault((flag, environment, variant, moment), set()).update(members)
     for per_flag in result.flags.values():
         per_flag[1] = per_flag[1].replace(tzinfo=UTC)

@@ -9,14 +9,15 @@ in sorted order so that concurrent drainers never deadlock.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, case, func, literal_column, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from tasks.impressions.records import Aggregate
+from tasks.impressions.records import Aggregate, CountKey, DeadLetter
 from workers.db.models import FeatureFlag, FlagImpressionCount, ImpressionBatch, UTCDateTime
 
 _COUNT_COLUMNS = ("flag_key", "environment", "variant", "tenant_id", "bucket_start", "count")
@@ -34,7 +35,10 @@ _MERGE_STAGE = (
     "(flag_key, environment, variant, tenant_id, bucket_start, count) "
     "SELECT flag_key, environment, variant, tenant_id, bucket_start, count "
     "FROM impression_stage "
-    "ORDER BY flag_key, environment, variant, coalesce(tenant_id, ''), bucket_start "
+    # Any one order shared by all drainers keeps them from deadlocking; byte order ("C")
+    # is that order at the least cost.
+    'ORDER BY flag_key COLLATE "C", environment COLLATE "C", variant COLLATE "C", '
+    "coalesce(tenant_id, '') COLLATE \"C\", bucket_start "
     "ON CONFLICT (flag_key, environment, variant, (coalesce(tenant_id, '')), bucket_start) "
     "DO UPDATE SET count = flag_impression_counts.count + EXCLUDED.count"
 )
@@ -44,7 +48,17 @@ def _dialect_insert(connection: Connection) -> Any:
     return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
 
 
-def claim_batch(connection: Connection, batch_id: str, agg: Aggregate, now: datetime) -> bool:
+class BatchFigures(Protocol):
+    """What the ledger records of a batch (a :class:`Counted`, or one batch's Aggregate)."""
+
+    @property
+    def impressions(self) -> int: ...
+
+    @property
+    def dead(self) -> list[DeadLetter]: ...
+
+
+def claim_batch(connection: Connection, batch_id: str, batch: BatchFigures, now: datetime) -> bool:
     """Record the batch as applied; False when it already was (then write nothing)."""
     insert = _dialect_insert(connection)
     statement = (
@@ -52,8 +66,8 @@ def claim_batch(connection: Connection, batch_id: str, agg: Aggregate, now: date
         .values(
             batch_id=batch_id,
             applied_at=now,
-            impressions=agg.impressions,
-            dead_letters=len(agg.dead),
+            impressions=batch.impressions,
+            dead_letters=len(batch.dead),
         )
         .on_conflict_do_nothing(index_elements=["batch_id"])
         .returning(ImpressionBatch.batch_id)
@@ -68,7 +82,8 @@ class AlreadyApplied(Exception):
 @dataclass(frozen=True)
 class Prepared:
     """What a commit writes, worked out beforehand (and in another thread than the one
-    waiting on the database): the counts sorted by key, and for PostgreSQL as COPY text."""
+    waiting on the database): for PostgreSQL the counts as COPY text (the upsert sorts
+    them), for other backends the counts sorted by key."""
 
     agg: Aggregate
     rows: list[Any]
@@ -76,38 +91,42 @@ class Prepared:
 
     @classmethod
     def of(cls, agg: Aggregate, dialect: str) -> Prepared:
+        if dialect == "postgresql":
+            return cls(agg, [], _copy_text(agg.counts.items()) if agg.counts else None)
         rows = sorted(
             agg.counts.items(), key=lambda item: (*item[0][:3], item[0][3] or "", item[0][4])
         )
-        return cls(agg, rows, _copy_text(rows) if dialect == "postgresql" and rows else None)
+        return cls(agg, rows, None)
 
 
 def apply_batches(
-    connection: Connection, batches: list[tuple[str, Aggregate]], prepared: Prepared, now: datetime
+    connection: Connection,
+    batches: list[tuple[str, BatchFigures]],
+    prepared: Prepared,
+    now: datetime,
 ) -> None:
     """Several batches at once, in the caller's transaction: each recorded in the ledger
     with its own figures, ``prepared`` (their sum) written once. Raises
     :class:`AlreadyApplied` when any of them was applied before (the caller rolls back)."""
-    for batch_id, counts in batches:
-        if not claim_batch(connection, batch_id, counts, now):
+    for batch_id, figures in batches:
+        if not claim_batch(connection, batch_id, figures, now):
             raise AlreadyApplied(batch_id)
     _write(connection, prepared)
 
 
-def apply_batch(connection: Connection, batch_id: str, agg: Aggregate, now: datetime) -> bool:
-    """Everything a batch adds, in the caller's transaction. False: applied before."""
-    if not claim_batch(connection, batch_id, agg, now):
-        return False
-    _write(connection, Prepared.of(agg, connection.dialect.name))
-    return True
+def apply_batch(
+    connection: Connection, batch_id: str, figures: BatchFigures, prepared: Prepared, now: datetime
+) -> None:
+    """One batch, in the caller's transaction. Raises :class:`AlreadyApplied` when it was
+    applied before (then nothing was written)."""
+    apply_batches(connection, [(batch_id, figures)], prepared, now)
 
 
 def _write(connection: Connection, prepared: Prepared) -> None:
-    if prepared.rows:
-        if prepared.copy is not None and connection.dialect.name == "postgresql":
-            _copy_counts(connection, prepared.copy)
-        else:
-            _upsert_counts(connection, prepared.rows)
+    if prepared.copy is not None:
+        _copy_counts(connection, prepared.copy)
+    elif prepared.rows:
+        _upsert_counts(connection, prepared.rows)
     _update_flags(connection, prepared.agg)
 
 
@@ -127,20 +146,28 @@ def _copy_counts(connection: Connection, text: bytes) -> None:
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(rows: list[Any]) -> bytes:
-    """The rows in COPY text format, built in one pass (much cheaper than a call per row)."""
+def _copy_text(rows: Iterable[tuple[CountKey, int]]) -> bytes:
+    """The rows in COPY text format, built in one pass. Names, tenants and minutes repeat
+    from row to row, so each is escaped (or formatted) once and then looked up."""
     escape = _COPY_ESCAPES
+    names: dict[tuple[str, str, str], str] = {}
+    tenants: dict[str | None, str] = {None: "\\N"}
     stamps: dict[datetime, str] = {}
     lines = []
     for (flag, environment, variant, tenant, bucket), count in rows:
+        name = names.get((flag, environment, variant))
+        if name is None:
+            name = names[(flag, environment, variant)] = (
+                f"{flag.translate(escape)}\t{environment.translate(escape)}\t"
+                f"{variant.translate(escape)}\t"
+            )
+        tenant_text = tenants.get(tenant)
+        if tenant_text is None:
+            tenant_text = tenants[tenant] = tenant.translate(escape)  # type: ignore[union-attr]
         stamp = stamps.get(bucket)
         if stamp is None:
             stamp = stamps[bucket] = bucket.isoformat()
-        tenant_text = "\\N" if tenant is None else tenant.translate(escape)
-        lines.append(
-            f"{flag.translate(escape)}\t{environment.translate(escape)}\t"
-            f"{variant.translate(escape)}\t{tenant_text}\t{stamp}\t{count}\n"
-        )
+        lines.append(f"{name}{tenant_text}\t{stamp}\t{count}\n")
     return "".join(lines).encode()
 
 

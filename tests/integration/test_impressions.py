@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from tasks.impressions import GROUP_IMPRESSIONS, drain
 from tasks.impressions.queue import DEAD, IN_FLIGHT, SOURCE
@@ -197,6 +197,37 @@ def test_every_kind_of_bad_record_is_dead_lettered_while_good_ones_count(rt: Run
     assert all(letter["reason"] and letter["detail"] and letter["batch_id"] for letter in letters)
 
 
+def test_a_blank_tenant_and_no_tenant_are_one_count(rt: Runtime) -> None:
+    # One key in the database (coalesce(tenant_id, '')): a batch holding both spellings
+    # must still apply, as one row; on PostgreSQL the table leaves room for HOT updates.
+    stamp = (datetime.now(UTC) - timedelta(minutes=1)).replace(tzinfo=None).isoformat()
+    payloads = [
+        orjson.dumps(
+            {
+                "flag_key": "f",
+                "environment": "production",
+                "variant": "on",
+                "tenant_id": tenant,
+                "timestamp": stamp,
+            }
+        )
+        for tenant in ("", None, "", "t1")
+    ]
+    for _ in range(2):
+        rt.redis.lpush(SOURCE, *payloads)
+        summary = drain(rt, batch_size=100, budget_seconds=60)
+        assert summary["counted"] == 4 and summary["dead_lettered"] == 0
+    counts = stored_counts(rt.engine)
+    assert sorted(counts.values()) == [2, 6]
+    assert {key[3] for key in counts} == {None, "t1"}
+    if rt.engine.dialect.name == "postgresql":
+        with rt.engine.connect() as connection:
+            options = connection.execute(
+                text("SELECT reloptions FROM pg_class WHERE relname = 'flag_impression_counts'")
+            ).scalar_one()
+        assert options == ["fillfactor=50"]
+
+
 def test_a_batch_applied_twice_counts_once(rt: Runtime) -> None:
     """A worker presumed dead finishes after its batch was taken over: no double count."""
     from tasks.impressions import DrainSummary, UserSketches, process
@@ -223,8 +254,9 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
 ) -> None:
     """Batches committed together are each in the ledger; a group holding a batch applied
     before (its worker died after committing) is applied one batch at a time instead."""
-    from tasks.impressions import DrainSummary, UserSketches, commit, count
+    from tasks.impressions import DrainSummary, Tally, UserSketches, commit, count, prepare
     from tasks.impressions.queue import ImpressionQueue
+    from tasks.impressions.store import apply_batch
 
     add_flags(rt.engine)
     stream = Stream(900, bad_every=100)
@@ -232,14 +264,16 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     queue = ImpressionQueue(rt.redis)
     batches = [queue.take(300, time.time()) for _ in range(3)]
     assert all(batch is not None for batch in batches)
-    taken = [(batch, count(rt, batch)) for batch in batches if batch is not None]
+    tally = Tally()
+    taken = [(batch, count(rt, tally, batch)) for batch in batches if batch is not None]
     sketches = UserSketches(rt.redis, rt.engine)
     alone, group = DrainSummary(), DrainSummary()
-    with rt.engine.begin() as connection:  # batch 1 applied, its worker died before finishing
-        from tasks.impressions.store import apply_batch
-
-        assert apply_batch(connection, taken[0][0].id, taken[0][1], datetime.now(UTC))
-    commit(rt, queue, sketches, taken, group)  # 1 was applied: 1, 2, 3 one at a time
+    first = Tally()  # batch 1 applied, its worker died before finishing
+    first_counted = count(rt, first, taken[0][0])
+    with rt.engine.begin() as connection:
+        now = datetime.now(UTC)
+        apply_batch(connection, taken[0][0].id, first_counted, prepare(rt, first), now)
+    commit(rt, queue, sketches, taken, group, prepare(rt, tally))  # one at a time instead
     assert (group.batches, group.already_applied) == (3, 1)
     assert group.counted == taken[1][1].impressions + taken[2][1].impressions
     assert_exact(rt, stream)
@@ -250,8 +284,9 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     more = Stream(900, bad_every=100, seed=7)
     more.push(rt.redis)
     batches = [queue.take(300, time.time()) for _ in range(3)]
-    taken = [(batch, count(rt, batch)) for batch in batches if batch is not None]
-    commit(rt, queue, sketches, taken, alone)
+    tally = Tally()
+    taken = [(batch, count(rt, tally, batch)) for batch in batches if batch is not None]
+    commit(rt, queue, sketches, taken, alone, prepare(rt, tally))
     assert (alone.batches, alone.already_applied, alone.counted) == (3, 0, more.good)
     stream.expected.update(more.expected)
     stream.per_flag.update(more.per_flag)

@@ -151,3 +151,95 @@ def test_dead_letters_keep_the_payload_and_say_why() -> None:
 )
 def test_parse_timestamp(text: str, expected: datetime) -> None:
     assert parse_timestamp(text) == expected
+
+
+def _random_batch(seed: int, shuffled: bool) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    base = datetime(2026, 3, 1, 11, 58, 0)
+    stamps = sorted(base + timedelta(seconds=rng.uniform(0, 150)) for _ in range(400))
+    if shuffled:
+        rng.shuffle(stamps)
+    out = []
+    for moment in stamps:
+        text = moment.isoformat()
+        out.append(
+            imp(
+                flag_key=rng.choice(["a", "b", "c"]),
+                environment=rng.choice(["production", "staging"]),
+                variant=rng.choice(["on", "off"]),
+                tenant_id=rng.choice(["t1", "t2", None]),
+                user_id=rng.choice(["u1", "u2", "u3", None]),
+                timestamp=text if rng.random() < 0.8 else text.replace("T", " "),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("seed", "shuffled", "extra"),
+    [
+        (1, False, None),
+        (2, True, None),
+        (3, False, imp(timestamp="2026-03-01T12:00:05+00:00")),  # one aware stamp
+        (4, True, imp(flag_key="  ")),  # a blank name
+        (5, False, imp(timestamp="2026-03-01T12:30:00")),  # one in the future
+        (6, False, imp(timestamp="20260301T120000")),  # basic ISO format
+        (7, True, imp(user_id=7, tenant_id=8)),  # ids as numbers
+        (8, False, b"not json"),
+    ],
+)
+def test_the_whole_batch_path_counts_as_the_record_by_record_path(
+    seed: int, shuffled: bool, extra: bytes | None
+) -> None:
+    from tasks.impressions import records
+
+    raw = _random_batch(seed, shuffled) + ([extra] if extra is not None else [])
+    latest = (NOW + SKEW).replace(tzinfo=None)
+    one_by_one = records._by_record(records._decoded(raw), latest, NOW)
+    result = aggregate(raw, NOW, SKEW)
+    assert result.counts == one_by_one.counts
+    assert result.flags == one_by_one.flags
+    assert result.users == one_by_one.users
+    assert result.impressions == one_by_one.impressions
+    assert [(d.reason, d.payload) for d in result.dead] == [
+        (d.reason, d.payload) for d in one_by_one.dead
+    ]
+    whole = records.Tally()._add_whole(records._decoded(raw).records or [], latest)
+    assert whole == (extra is None)  # the common batch takes the fast path
+
+
+def test_a_blank_tenant_is_no_tenant() -> None:
+    # The database keys a count on coalesce(tenant_id, ''): the two must be one key here
+    # too, or one upsert would touch a row twice and the batch could never be applied.
+    result = aggregate([imp(tenant_id=""), imp(tenant_id=None), imp(tenant_id="t1")], NOW, SKEW)
+    assert result.counts == {
+        ("new_ui_enabled", "production", "on", None, minute("2026-03-01T12:00:00")): 2,
+        ("new_ui_enabled", "production", "on", "t1", minute("2026-03-01T12:00:00")): 1,
+    }
+
+
+def test_a_tally_of_batches_counts_as_their_aggregates_added_up() -> None:
+    from tasks.impressions.records import Tally, merge
+
+    batches = [
+        _random_batch(11, False),
+        [*_random_batch(12, True), b"not json", imp(timestamp="2026-03-01T12:30:00")],
+        _random_batch(13, False),
+    ]
+    tally = Tally()
+    counted = [tally.add(batch, NOW, SKEW) for batch in batches]
+    separately = [aggregate(batch, NOW, SKEW) for batch in batches]
+    total, expected = tally.total(), merge(separately)
+    assert (total.counts, total.flags, total.users) == (
+        expected.counts,
+        expected.flags,
+        expected.users,
+    )
+    assert total.impressions == sum(c.impressions for c in counted) == 1200
+    assert [c.dead_by_reason for c in counted] == [
+        {},
+        {"not_json": 1, "future_timestamp": 1},
+        {},
+    ]
