@@ -13,7 +13,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from itertools import chain
 from operator import attrgetter, itemgetter
 from typing import Annotated, Any, cast
 
@@ -220,15 +219,16 @@ class Tally:
 
     A batch in which every record is well formed, naive-timestamped (as the platform writes
     them) and not in the future, nearly every batch, is checked a column at a time with the
-    per-record work in C, and only its keys are listed (minute and day as text); the keys
-    of all batches are counted in one pass, and texts become datetimes once per distinct
-    key, in :meth:`total`. Any other batch goes record by record (:func:`_by_record`), which
-    finds each bad record's reason, or, for an id given as a number, still counts it.
+    per-record work in C, and its keys (minute and day as text) are counted into the
+    group's counter at once, while they are still in the cache; texts become datetimes
+    once per distinct key, in :meth:`total`. Any other batch goes record by record
+    (:func:`_by_record`), which finds each bad record's reason, or, for an id given as a
+    number, still counts it.
     """
 
     def __init__(self) -> None:
-        self._keys: list[list[Any]] = []  # per batch taken whole: its count keys
-        self._last: list[dict[tuple[str, str], datetime]] = []  # and its latest per flag
+        self._counts: Counter[Any] = Counter()  # batches taken whole, by text keys
+        self._last: list[dict[tuple[str, str], datetime]] = []  # each one's latest per flag
         self._users: defaultdict[Any, set[str | None]] = defaultdict(set)
         self._parts: list[Aggregate] = []  # batches taken record by record
 
@@ -274,13 +274,13 @@ class Tally:
         users = self._users
         for r in records:
             users[(r.flag_key, r.environment, r.variant, r.timestamp[:10])].add(r.user_id)
-        self._keys.append(keys)
+        self._counts.update(keys)  # an iterable: counted in C
         self._last.append(last)
         return True
 
     def total(self) -> Aggregate:
         """The sum of every batch added (their dead letters stay with each batch)."""
-        counts: Counter[Any] = Counter(chain.from_iterable(self._keys))
+        counts = self._counts
         result = Aggregate()
         flags = result.flags
         for (flag, environment, _, _, _), number in counts.items():
