@@ -60,7 +60,9 @@ EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}
 
 
 class DemoAct(Protocol):
-    """One job family's part: seed data, act mid-way, say how it goes and what is missing."""
+    """One job family's part: seed data, act mid-way, say how it goes and what is missing.
+    An act may also have ``env`` (settings for the fleet's processes, read after
+    ``prepare``) and ``close()`` (called when the demo ends)."""
 
     name: str
     expected_successes: ClassVar[dict[str, int]]
@@ -229,9 +231,21 @@ def _run_demo(rt: Any, home: Path, duration: float, console: Console) -> None:
     console.print(f"database [bold]{rt.settings.sqlalchemy_url}[/] migrated to {after}")
     console.print(f"embedded Redis at [bold]{rt.redis_url}[/]")
     acts = load_acts()
+    try:
+        _run_acts(rt, home, duration, console, acts)
+    finally:
+        for act in acts:
+            close = getattr(act, "close", None)
+            if close is not None:
+                close()
+
+
+def _run_acts(rt: Any, home: Path, duration: float, console: Console, acts: list[DemoAct]) -> None:
+    env = _demo_env(home, rt.redis_url)
     for act in acts:
         console.print(act.prepare(rt, datetime.now(UTC)))
-    fleet = DemoFleet(home, _demo_env(home, rt.redis_url))
+        env.update(getattr(act, "env", {}))  # services an act started for the fleet to use
+    fleet = DemoFleet(home, env)
     worker_port, scheduler_port = free_port(), free_port()
     demo_schedule = Path(str(resources.files("schedules").joinpath("demo.yaml")))
     fleet.spawn("worker", "worker", "-c", "1", "--metrics-port", str(worker_port))

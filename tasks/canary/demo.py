@@ -1,32 +1,210 @@
-"""The canary act of ``fleet demo``: canaries are judged only with a Prometheus to ask,
-and the demo says so plainly when there is none."""
+"""The canary act of ``fleet demo``: two canary deployments judged by a real Prometheus.
+
+Canaries are judged only with a Prometheus to ask. Where none is configured but Debian's
+``prometheus`` is installed, the demo starts one of its own (in the demo's home, on a free
+loopback port, scraping every second) and three small apps for it to scrape: a baseline,
+a healthy canary and one whose latency is three times the baseline's. Two deployments
+change two production keys; ``canary.analyze`` promotes the first and rolls back the
+second, as it would in production. With no Prometheus at all the demo says so plainly.
+"""
 
 from __future__ import annotations
 
+import random
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 from sqlalchemy import func, select
 
+from tasks.canary import create_deployment
+from tasks.canary.spec import CanarySpec
 from workers.db.models import CanaryDeployment, TaskRun
 from workers.runtime import Runtime
+
+# (deployment, scrape job of its canary, production key it changes, new value, latency)
+DEPLOYMENTS = (
+    ("pool-size-30", "canary_healthy", "database.postgresql.pool_size", 30, 0.10),
+    ("openai-timeout-10", "canary_slow", "external_apis.openai.timeout", 10, 0.35),
+)
+BASELINE_LATENCY = 0.10
+VERDICTS = {"pool-size-30": "promoted", "openai-timeout-10": "rolled_back"}
+
+
+class _Apps:
+    """One loopback HTTP server: ``/<job>`` serves that job's latency gauge, with noise."""
+
+    def __init__(self, latencies: dict[str, float]) -> None:
+        rng = random.Random(7)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                center = latencies.get(self.path.strip("/"))
+                if center is None:
+                    self.send_error(404)
+                    return
+                value = center * (1 + rng.uniform(-0.05, 0.05))
+                body = f"# TYPE app_latency_seconds gauge\napp_latency_seconds {value}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Prometheus:
+    """Debian's prometheus, scraping ``jobs`` every second; its data in ``home``."""
+
+    def __init__(self, binary: str, home: Path, address: str, jobs: list[str], port: int):
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "prometheus.yml"
+        lines = ["global:", "  scrape_interval: 1s", "scrape_configs:"]
+        for name in jobs:
+            lines += [
+                f"  - job_name: {name}",
+                f"    metrics_path: /{name}",
+                "    static_configs:",
+                f"      - targets: ['{address}']",
+            ]
+        config.write_text("\n".join(lines) + "\n")
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = home / "prometheus.log"
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={home / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _spec(name: str, job: str, key: str, value: Any) -> CanarySpec:
+    return CanarySpec.model_validate(
+        {
+            "name": name,
+            "change": {"key": key, "environment": "production", "value": value},
+            "canary": f'job="{job}"',
+            "baseline": 'job="baseline"',
+            "metrics": [
+                {
+                    "name": "latency",
+                    "query": "app_latency_seconds{$selector}",
+                    "direction": "increase",
+                    "critical": True,
+                }
+            ],
+            # At the demo's pace: judged every run, over the last 20 s of 1 s samples.
+            "analysis": {
+                "interval": 0,
+                "window": 20,
+                "step": 1,
+                "passes": 2,
+                "failure_limit": 2,
+                "inconclusive_limit": 10,
+                "min_samples": 8,
+                "prometheus_deadline": 60,
+            },
+        }
+    )
 
 
 class CanaryAct:
     name = "canary"
     expected_successes: ClassVar[dict[str, int]] = {}
-    metrics: ClassVar[tuple[str, ...]] = ("fleet_canary_deployments",)
+    metrics: ClassVar[tuple[str, ...]] = ("fleet_canary_deployments", "fleet_canary_decisions")
+
+    def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
+        self.binary = which("prometheus")
+        self.env: dict[str, str] = {}
+        self.own: _Prometheus | None = None
+        self.apps: _Apps | None = None
+        self.judged_by: str | None = None
 
     def prepare(self, rt: Runtime, now: datetime) -> str:
-        if rt.settings.prometheus_url is None:
+        if rt.settings.prometheus_url is not None:
+            self.judged_by = rt.settings.prometheus_url
+            return f"canary: judging deployments against {self.judged_by}"
+        if self.binary is None:
             return (
-                "canary: analysis skipped, no FLEET_PROMETHEUS_URL (set it to have "
-                "`fleet canary start` deployments judged)"
+                "canary: analysis skipped, no FLEET_PROMETHEUS_URL and no prometheus installed "
+                "(apt-get install prometheus, or set FLEET_PROMETHEUS_URL)"
             )
-        return f"canary: judging deployments against {rt.settings.prometheus_url}"
+        from workers.demo import free_port
+
+        latencies = {"baseline": BASELINE_LATENCY, **{job: ms for _, job, _, _, ms in DEPLOYMENTS}}
+        self.apps = _Apps(latencies)
+        self.own = _Prometheus(
+            self.binary,
+            rt.settings.home / "prometheus",
+            self.apps.address,
+            list(latencies),
+            free_port(),
+        )
+        if not self.own.wait_ready():
+            tail = self.own.log.read_text(errors="replace")[-300:]
+            self.close()
+            return f"canary: analysis skipped, the demo's prometheus did not start: {tail}"
+        self.judged_by = self.own.url
+        self.env = {"FLEET_PROMETHEUS_URL": self.own.url}
+        with rt.sessions.begin() as session:
+            for name, job, key, value, _ in DEPLOYMENTS:
+                create_deployment(session, _spec(name, job, key, value), now, "fleet-demo")
+        return (
+            f"canary: prometheus at {self.own.url} scrapes a baseline and two canaries; "
+            f"{DEPLOYMENTS[0][0]} should be promoted, {DEPLOYMENTS[1][0]} (3x latency) rolled back"
+        )
 
     def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None:
         return None
+
+    def _states(self, rt: Runtime) -> dict[str, str]:
+        query = select(CanaryDeployment.name, CanaryDeployment.state)
+        with rt.sessions() as session:
+            return dict(session.execute(query).all())
 
     def status(self, rt: Runtime) -> str:
         with rt.sessions() as session:
@@ -36,10 +214,10 @@ class CanaryAct:
                 )
                 or 0
             )
-            deployments = session.scalar(select(func.count()).select_from(CanaryDeployment)) or 0
-        if rt.settings.prometheus_url is None:
-            return f"canary: {runs} runs, each skipped (no FLEET_PROMETHEUS_URL), as expected"
-        return f"canary: {runs} runs over {deployments} deployments"
+        if self.judged_by is None:
+            return f"canary: {runs} runs, each skipped (no Prometheus), as expected"
+        states = ", ".join(f"{name}={state}" for name, state in sorted(self._states(rt).items()))
+        return f"canary: {runs} runs against {self.judged_by}; {states or 'no deployments'}"
 
     def problems(self, rt: Runtime) -> list[str]:
         with rt.sessions() as session:
@@ -54,7 +232,22 @@ class CanaryAct:
             return [f"canary: {outcomes['failure']} failed runs"]
         if not outcomes.get("success") and not outcomes.get("skipped"):
             return ["canary: canary.analyze has not run yet"]
+        if self.own is not None:
+            states = self._states(rt)
+            wrong = [
+                f"{name} is {states.get(name, 'missing')}, not yet {wanted}"
+                for name, wanted in VERDICTS.items()
+                if states.get(name) != wanted
+            ]
+            if wrong:
+                return [f"canary: {'; '.join(wrong)}"]
         return []
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.close()
+        if self.apps is not None:
+            self.apps.close()
 
 
 def act() -> Any:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from tests.prometheus_server import prometheus_binary
 from workers import embedded
 from workers.embedded import EmbeddedRedis, EmbeddedRedisError
 
@@ -84,3 +88,23 @@ def test_fleet_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert 'fleet_task_runs_total{job="fleet.heartbeat",outcome="success"}' in done.stdout
     assert (tmp_path / ".fleet" / "demo" / "fleet.db").exists()
     assert not (tmp_path / ".fleet" / "demo" / "redis" / "redis.sock").exists()  # stopped
+    # Canaries judged by the demo's own Prometheus: one promoted, one rolled back.
+    prometheus_binary()
+    assert "openai-timeout-10=rolled_back, pool-size-30=promoted" in done.stdout
+    assert 'fleet_canary_decisions_total{decision="promote"} 1.0' in done.stdout
+    url = re.search(r"prometheus at (http://127\.0\.0\.1:\d+)", done.stdout)
+    assert url is not None
+    with pytest.raises(httpx.TransportError):  # and stopped with the demo
+        httpx.get(f"{url.group(1)}/-/ready", timeout=2)
+
+
+def test_the_demo_says_plainly_when_canaries_cannot_be_judged(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tasks.canary.demo import CanaryAct
+
+    act = CanaryAct(which=lambda _name: None)  # no prometheus on this machine
+    rt = SimpleNamespace(settings=SimpleNamespace(prometheus_url=None, home=tmp_path))
+    said = act.prepare(rt, datetime.now(UTC))  # type: ignore[arg-type]
+    assert "apt-get install prometheus" in said and "FLEET_PROMETHEUS_URL" in said
+    assert act.env == {} and act.judged_by is None
