@@ -1,23 +1,20 @@
 """A real Prometheus (Debian's ``prometheus`` package), started by tests on loopback, and
-small HTTP apps for it to scrape."""
+small HTTP apps for it to scrape (the demo's :class:`ExpositionServer`)."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tasks.canary.demo import ExpositionServer, latency_exposition
 from tests.helpers import CI, free_port
 
 
@@ -31,39 +28,9 @@ def prometheus_binary() -> str:
     return found
 
 
-class App:
-    """Serves ``text`` (a callable giving the exposition) on /metrics."""
-
-    def __init__(self, render: Callable[[], str]) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_args: Any) -> None:
-                return
-
-            def do_GET(self) -> None:
-                body = render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def latency_app(center: Callable[[], float], seed: int) -> App:
-    rng = random.Random(seed)
-
-    def render() -> str:
-        value = center() * (1 + rng.uniform(-0.05, 0.05))
-        return f"# TYPE app_latency_seconds gauge\napp_latency_seconds {value}\n"
-
-    return App(render)
+def latency_app(center: Callable[[], float], seed: int) -> ExpositionServer:
+    """An app serving its latency gauge on /metrics."""
+    return ExpositionServer({"metrics": latency_exposition(center, seed)})
 
 
 @contextmanager

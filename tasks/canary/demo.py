@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,23 +39,21 @@ BASELINE_LATENCY = 0.10
 VERDICTS = {"pool-size-30": "promoted", "openai-timeout-10": "rolled_back"}
 
 
-class _Apps:
-    """One loopback HTTP server: ``/<job>`` serves that job's latency gauge, with noise."""
+class ExpositionServer:
+    """A loopback HTTP server: ``GET /<route>`` answers ``routes[route]()``, Prometheus
+    text. The demo's apps, and the tests' ones."""
 
-    def __init__(self, latencies: dict[str, float]) -> None:
-        rng = random.Random(7)
-
+    def __init__(self, routes: Mapping[str, Callable[[], str]]) -> None:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *_args: Any) -> None:
                 return
 
             def do_GET(self) -> None:
-                center = latencies.get(self.path.strip("/"))
-                if center is None:
+                render = routes.get(self.path.strip("/"))
+                if render is None:
                     self.send_error(404)
                     return
-                value = center * (1 + rng.uniform(-0.05, 0.05))
-                body = f"# TYPE app_latency_seconds gauge\napp_latency_seconds {value}\n".encode()
+                body = render().encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -68,6 +67,17 @@ class _Apps:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def latency_exposition(center: Callable[[], float], seed: int) -> Callable[[], str]:
+    """An app's ``app_latency_seconds`` gauge: ``center()`` give or take 5%."""
+    rng = random.Random(seed)
+
+    def render() -> str:
+        value = center() * (1 + rng.uniform(-0.05, 0.05))
+        return f"# TYPE app_latency_seconds gauge\napp_latency_seconds {value}\n"
+
+    return render
 
 
 class _Prometheus:
@@ -161,7 +171,7 @@ class CanaryAct:
         self.binary = which("prometheus")
         self.env: dict[str, str] = {}
         self.own: _Prometheus | None = None
-        self.apps: _Apps | None = None
+        self.apps: ExpositionServer | None = None
         self.judged_by: str | None = None
 
     def prepare(self, rt: Runtime, now: datetime) -> str:
@@ -176,7 +186,12 @@ class CanaryAct:
         from workers.demo import free_port
 
         latencies = {"baseline": BASELINE_LATENCY, **{job: ms for _, job, _, _, ms in DEPLOYMENTS}}
-        self.apps = _Apps(latencies)
+        self.apps = ExpositionServer(
+            {
+                job: latency_exposition(partial(float, seconds), seed)
+                for seed, (job, seconds) in enumerate(latencies.items())
+            }
+        )
         self.own = _Prometheus(
             self.binary,
             rt.settings.home / "prometheus",
