@@ -64,10 +64,6 @@ class Aggregate:
     dead: list[DeadLetter] = field(default_factory=list)
     impressions: int = 0
 
-    @property
-    def dead_by_reason(self) -> Counter[str]:
-        return Counter(letter.reason for letter in self.dead)
-
 
 def merge(parts: list[Aggregate]) -> Aggregate:
     """The sum of several batches' aggregates (their dead letters stay with each batch)."""
@@ -210,7 +206,6 @@ class Counted:
 
 
 _by_flag = itemgetter(0, 1)
-_minute_of = itemgetter(4)
 
 
 class Tally:
