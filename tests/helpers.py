@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,17 @@ def service_missing(what: str, error: BaseException) -> None:
     if CI:
         pytest.fail(f"{reason}: CI=true requires it", pytrace=False)
     pytest.skip(reason)
+
+
+def installed(binary: str, package: str) -> str:
+    """The path of ``binary``; skip the test without it (fail it under CI=true)."""
+    found = shutil.which(binary)
+    if found is None:
+        message = f"{binary} is not installed (apt-get install {package})"
+        if CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return found
 
 
 def wait_for(

@@ -15,17 +15,11 @@ import httpx
 import pytest
 
 from tasks.canary.demo import ExpositionServer, latency_exposition
-from tests.helpers import CI, free_port
+from tests.helpers import free_port, installed
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        message = "prometheus is not installed (apt-get install prometheus)"
-        if CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return found
+    return installed("prometheus", "prometheus")
 
 
 def latency_app(center: Callable[[], float], seed: int) -> ExpositionServer:

@@ -132,7 +132,10 @@ class _Prometheus:
                 self.process.wait()
 
 
-def _spec(name: str, job: str, key: str, value: Any) -> CanarySpec:
+def latency_canary(name: str, job: str, key: str, value: Any, **analysis: Any) -> CanarySpec:
+    """A production change judged on ``app_latency_seconds`` of scrape job ``job`` against
+    the ``baseline`` job. By default at the demo's pace: judged every run, over the last
+    20 s of 1 s samples; ``analysis`` overrides."""
     return CanarySpec.model_validate(
         {
             "name": name,
@@ -147,7 +150,6 @@ def _spec(name: str, job: str, key: str, value: Any) -> CanarySpec:
                     "critical": True,
                 }
             ],
-            # At the demo's pace: judged every run, over the last 20 s of 1 s samples.
             "analysis": {
                 "interval": 0,
                 "window": 20,
@@ -157,6 +159,7 @@ def _spec(name: str, job: str, key: str, value: Any) -> CanarySpec:
                 "inconclusive_limit": 10,
                 "min_samples": 8,
                 "prometheus_deadline": 60,
+                **analysis,
             },
         }
     )
@@ -207,7 +210,7 @@ class CanaryAct:
         self.env = {"FLEET_PROMETHEUS_URL": self.own.url}
         with rt.sessions.begin() as session:
             for name, job, key, value, _ in DEPLOYMENTS:
-                create_deployment(session, _spec(name, job, key, value), now, "fleet-demo")
+                create_deployment(session, latency_canary(name, job, key, value), now, "fleet-demo")
         return (
             f"canary: prometheus at {self.own.url} scrapes a baseline and two canaries; "
             f"{DEPLOYMENTS[0][0]} should be promoted, {DEPLOYMENTS[1][0]} (3x latency) rolled back"

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tasks.canary import analyze, create_deployment
+from tasks.canary.demo import latency_canary
 from tasks.canary.spec import CanarySpec
 from tests.helpers import free_port, run_fleet, wait_for
 from tests.prometheus_server import latency_app, prometheus, samples_in
@@ -31,32 +32,8 @@ from workers.settings import FleetSettings
 
 
 def spec(name: str, canary_job: str, key: str, **analysis: Any) -> CanarySpec:
-    return CanarySpec.model_validate(
-        {
-            "name": name,
-            "change": {"key": key, "environment": "production", "value": 25},
-            "canary": f'job="{canary_job}"',
-            "baseline": 'job="baseline"',
-            "metrics": [
-                {
-                    "name": "latency",
-                    "query": "app_latency_seconds{$selector}",
-                    "direction": "increase",
-                    "critical": True,
-                }
-            ],
-            "analysis": {
-                "interval": 0,
-                "window": 20,
-                "step": 1,
-                "passes": 2,
-                "failure_limit": 2,
-                "inconclusive_limit": 3,
-                "min_samples": 10,
-                "prometheus_deadline": 60,
-                **analysis,
-            },
-        }
+    return latency_canary(
+        name, canary_job, key, 25, **{"inconclusive_limit": 3, "min_samples": 10, **analysis}
     )
 
 

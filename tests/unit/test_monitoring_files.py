@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import promql_parser
-import pytest
 import yaml
 
 from monitoring.grafana import generate
 from monitoring.metrics import defined_metric_names
 from schedules.table import default_schedule_file, load_schedules
-from tests.helpers import CI, ROOT
+from tests.helpers import ROOT, installed
 from workers.celery_app import JOB_MODULES, load_jobs
 
 PROMETHEUS = ROOT / "monitoring" / "prometheus"
@@ -252,13 +251,7 @@ def test_dashboards_use_the_provisioned_data_source_and_unique_ids() -> None:
 
 
 def _promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool is not installed (apt-get install prometheus)"
-        if CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return found
+    return installed("promtool", "prometheus")
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
