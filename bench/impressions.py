@@ -3,7 +3,7 @@
 1,000,000 impressions shaped like the platform's (50 flags, 3 environments, 2-3 variants,
 10,000 users, 100 tenants) are pushed, then drained by one and by two worker processes
 running the job's own drain (exactly-once bookkeeping included). Printed: impressions per
-second, each drainer's peak memory (with a 200,000 backlog too, to show it does not grow
+second, each drainer's peak memory (with a smaller backlog too, to show it does not grow
 with the backlog), and the platform's per-impression UPDATE on 50,000 impressions, as a ratio.
 
     python -m bench impressions            # everything
@@ -211,6 +211,7 @@ def main() -> None:
             f"{GROUP_IMPRESSIONS:,} under a backlog); workers started before timing"
         )
         rates: dict[int, float] = {}
+        peak: dict[int, float] = {}
         for workers in (1, 2):
             client.flushdb()
             pushed = push(client, payloads)
@@ -222,12 +223,15 @@ def main() -> None:
                 f"({seconds:.1f} s; push took {pushed:.1f} s); peak RSS per worker "
                 f"{', '.join(f'{p:.0f} MB' for p in peaks)}"
             )
+            peak[workers] = max(peaks)
+        smaller = 2 * GROUP_IMPRESSIONS
         client.flushdb()
-        push(client, payloads[:200_000])
+        push(client, payloads[:smaller])
         _, _, small = run_drainers(1, env)
         print(
-            f"peak RSS with a 200,000 backlog: {small[0]:.0f} MB (memory is bounded by the "
-            "batch, not the backlog)"
+            f"peak RSS of one worker: {small[0]:.0f} MB with a {smaller:,} backlog, "
+            f"{peak[1]:.0f} MB with {TOTAL:,} (bounded by the commit group of "
+            f"{GROUP_IMPRESSIONS:,} impressions, not by the backlog)"
         )
         naive_rate = naive(url, payloads[:50_000])
         print(

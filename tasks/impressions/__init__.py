@@ -62,10 +62,11 @@ class DrainSummary:
         }
 
 
-# While the committer is busy, batches taken meanwhile are committed together, up to this
-# many impressions: one transaction, each batch in the ledger, their counts summed first
-# (a backlog then writes far fewer rows). Idle, each batch commits on its own at once.
-GROUP_IMPRESSIONS = 100_000
+# Under a backlog (full batches), or while the committer is busy, batches are gathered and
+# committed together, up to this many impressions: one transaction, each batch in the
+# ledger, their counts summed first, so a backlog writes far fewer rows per impression.
+# A batch that empties the list is committed at once, with what was gathered before it.
+GROUP_IMPRESSIONS = 200_000
 
 Taken = tuple[Batch, Counted]
 
@@ -116,8 +117,12 @@ def commit(
         if len(group) == 1:  # taken over, and its first worker committed it after all
             _finish(queue, *group[0], False, now, summary)
             return
-        for batch, _ in group:  # one at a time: the others still count
-            process(rt, queue, sketches, batch, summary)
+        for batch, counted in group:  # one at a time: the others still count
+            again = queue.reread(batch)
+            if again is None:  # taken over, and finished by the worker that took it
+                _finish(queue, batch, counted, False, now, summary)
+            else:
+                process(rt, queue, sketches, again, summary)
         return
     sketches.add(prepared.agg.users)
     for batch, counted in group:
@@ -137,7 +142,7 @@ def _finish(
 
     pushed = queue.finish(batch, [letter.encode(batch.id, now) for letter in counts.dead])
     summary.batches += 1
-    summary.impressions += len(batch.items)
+    summary.impressions += counts.impressions + len(counts.dead)
     if applied:
         summary.counted += counts.impressions
         metrics.IMPRESSIONS_PROCESSED.inc(counts.impressions)
@@ -184,8 +189,8 @@ def drain(
     """Recover orphans, then drain until empty or out of time.
 
     Two stages overlap: while one thread commits, this one takes and counts the next
-    batches. Batches counted while the committer is busy are committed together when it is
-    free (up to :data:`GROUP_IMPRESSIONS`); groups go through :func:`commit` in order, one
+    batches. Batches are gathered into groups of up to :data:`GROUP_IMPRESSIONS` while the
+    list has more or the committer is busy; groups go through :func:`commit` in order, one
     at a time, so at most two groups are in flight.
     """
     queue = ImpressionQueue(rt.redis)
@@ -205,11 +210,13 @@ def drain(
             if batch is None:
                 break
             taken += 1
-            group.append((batch, count(rt, tally, batch)))
+            group.append((batch.counted(), count(rt, tally, batch)))
             gathered += len(batch.items)
+            if gathered < GROUP_IMPRESSIONS and (
+                len(batch.items) == batch_size or (pending is not None and not pending.done())
+            ):
+                continue  # a backlog, or the committer busy: gather
             if pending is not None:
-                if not pending.done() and gathered < GROUP_IMPRESSIONS:
-                    continue  # the committer is busy: gather
                 pending.result()  # the previous commit, and its error if any
             # Summed and made ready here, while the committer is busy with the database.
             ready = prepare(rt, tally)

@@ -265,11 +265,13 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     batches = [queue.take(300, time.time()) for _ in range(3)]
     assert all(batch is not None for batch in batches)
     tally = Tally()
-    taken = [(batch, count(rt, tally, batch)) for batch in batches if batch is not None]
+    # As drain holds them: counted, payloads left in Redis.
+    taken = [(batch.counted(), count(rt, tally, batch)) for batch in batches if batch is not None]
     sketches = UserSketches(rt.redis, rt.engine)
     alone, group = DrainSummary(), DrainSummary()
     first = Tally()  # batch 1 applied, its worker died before finishing
-    first_counted = count(rt, first, taken[0][0])
+    assert batches[0] is not None
+    first_counted = count(rt, first, batches[0])
     with rt.engine.begin() as connection:
         now = datetime.now(UTC)
         apply_batch(connection, taken[0][0].id, first_counted, prepare(rt, first), now)
@@ -285,12 +287,39 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     more.push(rt.redis)
     batches = [queue.take(300, time.time()) for _ in range(3)]
     tally = Tally()
-    taken = [(batch, count(rt, tally, batch)) for batch in batches if batch is not None]
+    taken = [(batch.counted(), count(rt, tally, batch)) for batch in batches if batch]
     commit(rt, queue, sketches, taken, alone, prepare(rt, tally))
     assert (alone.batches, alone.already_applied, alone.counted) == (3, 0, more.good)
     stream.expected.update(more.expected)
     stream.per_flag.update(more.per_flag)
     stream.bad += more.bad
+    assert_exact(rt, stream)
+
+
+def test_a_group_skips_a_batch_another_worker_took_over_and_finished(rt: Runtime) -> None:
+    """This worker was presumed dead while its group gathered: another took one batch over
+    and finished it. The group falls back to one batch at a time and skips that one."""
+    from tasks.impressions import DrainSummary, Tally, UserSketches, commit, count, prepare, process
+    from tasks.impressions.queue import ImpressionQueue
+
+    add_flags(rt.engine)
+    stream = Stream(900, bad_every=100, seed=11)
+    stream.push(rt.redis)
+    queue = ImpressionQueue(rt.redis)
+    batches = [queue.take(300, time.time()) for _ in range(3)]
+    tally = Tally()
+    taken = [(batch.counted(), count(rt, tally, batch)) for batch in batches if batch]
+    sketches = UserSketches(rt.redis, rt.engine)
+    other, mine = DrainSummary(), DrainSummary()
+    taken_over = queue.take_over(taken[1][0].id, time.time(), timeout=0)
+    assert taken_over is not None
+    process(rt, queue, sketches, taken_over, other)
+    assert rt.redis.exists(taken[1][0].key) == 0  # finished: its payloads are gone
+    commit(rt, queue, sketches, taken, mine, prepare(rt, tally))
+    assert (mine.batches, mine.already_applied, other.batches) == (3, 1, 1)
+    assert mine.counted + other.counted == stream.good
+    assert (mine.impressions, other.impressions) == (900, 300)  # batches each one saw
+    assert rt.redis.zcard(IN_FLIGHT) == 0
     assert_exact(rt, stream)
 
 
