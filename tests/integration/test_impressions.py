@@ -228,6 +228,37 @@ def test_a_blank_tenant_and_no_tenant_are_one_count(rt: Runtime) -> None:
         assert options == ["fillfactor=50"]
 
 
+def test_batches_are_taken_oldest_first_and_kept_in_redis_until_finished(
+    redis_client: redis.Redis,
+) -> None:
+    from tasks.impressions.queue import BATCH_PREFIX, ImpressionQueue
+
+    queue = ImpressionQueue(redis_client)
+    payloads = [b"impression-%d" % n for n in range(2_500)]
+    for payload in payloads[:2_000]:  # one at a time, as the platform's services push
+        redis_client.lpush(SOURCE, payload)
+    first = queue.take(1_000, time.time())
+    redis_client.lpush(SOURCE, *payloads[2_000:])  # producers go on meanwhile
+    second, third = queue.take(1_000, time.time()), queue.take(1_000, time.time())
+    assert first is not None and second is not None and third is not None
+    assert (first.items, second.items, third.items) == (
+        payloads[:1_000],
+        payloads[1_000:2_000],
+        payloads[2_000:],
+    )
+    assert queue.take(1_000, time.time()) is None
+    assert redis_client.exists(SOURCE) == 0
+    assert redis_client.zcard(IN_FLIGHT) == 3
+    # Each batch is in Redis until finished: a taker-over or a reread sees the same payloads.
+    assert redis_client.llen(BATCH_PREFIX + second.id) == 1_000
+    reread = queue.reread(second.counted())
+    assert reread is not None and reread.items == second.items
+    taken_over = queue.take_over(third.id, time.time(), timeout=0)
+    assert taken_over is not None and taken_over.items == third.items
+    assert queue.finish(second, []) and not queue.finish(second, [])
+    assert queue.reread(second) is None and redis_client.zcard(IN_FLIGHT) == 2
+
+
 def test_a_batch_applied_twice_counts_once(rt: Runtime) -> None:
     """A worker presumed dead finishes after its batch was taken over: no double count."""
     from tasks.impressions import DrainSummary, UserSketches, process
