@@ -212,8 +212,11 @@ def drain(
             taken += 1
             group.append((batch.counted(), count(rt, tally, batch)))
             gathered += len(batch.items)
+            if pending is not None and pending.done():
+                pending.result()  # the previous commit's error, if any, at once
+                pending = None
             if gathered < GROUP_IMPRESSIONS and (
-                len(batch.items) == batch_size or (pending is not None and not pending.done())
+                len(batch.items) == batch_size or pending is not None
             ):
                 continue  # a backlog, or the committer busy: gather
             if pending is not None:

@@ -354,6 +354,37 @@ def test_a_group_skips_a_batch_another_worker_took_over_and_finished(rt: Runtime
     assert_exact(rt, stream)
 
 
+def test_a_database_outage_fails_the_run_and_loses_nothing(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Nothing listens where the database should be: the run fails with the database's
+    error, every batch it took stays in flight (dead letters too, unpushed), and the next
+    run, with the database back, takes them over and counts them once."""
+    from sqlalchemy.exc import OperationalError
+
+    nowhere = "postgresql+psycopg://postgres@127.0.0.1:9/test?connect_timeout=2"
+    down = install(Runtime(settings_for(nowhere, redis_url, tmp_path)))
+    stream = Stream(3_000, bad_every=100, seed=21)
+    stream.push(down.redis)
+    with pytest.raises(OperationalError):
+        drain(down, 500, 60)
+    assert (down.redis.llen(SOURCE), down.redis.zcard(IN_FLIGHT)) == (0, 6)
+    assert down.redis.llen(DEAD) == 0
+    down.close()
+    rt = install(
+        Runtime(
+            settings_for(
+                postgres_url, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0)
+            )
+        )
+    )
+    add_flags(rt.engine)
+    summary = drain(rt, 500, 60)
+    assert (summary["recovered_batches"], summary["counted"]) == (6, stream.good)
+    assert_exact(rt, stream)
+    rt.close()
+
+
 def test_sigkill_at_every_step_loses_and_doubles_nothing(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
