@@ -113,13 +113,14 @@ IMPRESSIONS_FOLDED = Counter(
 
 SECRET_AGE = Gauge(
     "fleet_secret_age_seconds",
-    "Age of the secret's current version (label: the managed secret's path).",
+    "Age of the secret's current version (label: the managed secret's path); NaN once gone.",
     ["path"],
     multiprocess_mode="mostrecent",
 )
 SECRET_DUE = Gauge(
     "fleet_secret_rotation_due_timestamp_seconds",
-    "Unix time at which the secret's current version is due for rotation.",
+    "Unix time at which the secret's current version is due for rotation; NaN when it has "
+    "no due date (unmanaged) or is gone.",
     ["path"],
     multiprocess_mode="mostrecent",
 )

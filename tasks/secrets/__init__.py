@@ -8,7 +8,9 @@ paths, versions, dates and statuses only.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -76,8 +78,11 @@ def statuses(
     return sorted(found, key=lambda s: s.path)
 
 
-def _snapshot(rt: Runtime, found: list[Status], now: datetime) -> list[tuple[str, str | None, str]]:
-    """Store this check's view; returns (path, old status, new status) for changes."""
+def _snapshot(
+    rt: Runtime, found: list[Status], now: datetime
+) -> tuple[list[tuple[str, str | None, str]], list[str]]:
+    """Store this check's view; returns (path, old status, new status) for changes, and
+    the paths seen before and no longer."""
     changes = []
     with rt.sessions.begin() as session:
         previous = {row.path: row for row in session.scalars(select(SecretRotationStatus))}
@@ -103,13 +108,18 @@ def _snapshot(rt: Runtime, found: list[Status], now: datetime) -> list[tuple[str
                     reason=status.reason,
                     version=status.version,
                 )
-        for path in set(previous) - {s.path for s in found}:
+        gone = sorted(set(previous) - {s.path for s in found})
+        for path in gone:
             session.delete(previous[path])
             audit.record(session, "secret_no_longer_seen", path, now)
-    return changes
+    return changes, gone
 
 
-def _metrics(found: list[Status], store_up: bool) -> None:
+def _metrics(found: list[Status], store_up: bool, gone: Iterable[str] = ()) -> None:
+    """Every path's gauges set, to NaN where there is no value (no due date, no version) or
+    the path is gone: a series that merely stopped being updated would keep its last value
+    (a workers' metrics are shared through files, where a label set cannot be removed), and
+    an overdue secret that was deleted or unmanaged would alert for ever."""
     from monitoring import metrics
 
     metrics.SECRET_STORE_UP.set(1 if store_up else 0)
@@ -117,10 +127,12 @@ def _metrics(found: list[Status], store_up: bool) -> None:
     for name in STATUSES:
         metrics.SECRETS.labels(name).set(counts.get(name, 0))
     for status in found:
-        if status.age is not None:
-            metrics.SECRET_AGE.labels(status.path).set(status.age.total_seconds())
-        if status.due_at is not None:
-            metrics.SECRET_DUE.labels(status.path).set(status.due_at.timestamp())
+        age, due = status.age, status.due_at
+        metrics.SECRET_AGE.labels(status.path).set(math.nan if age is None else age.total_seconds())
+        metrics.SECRET_DUE.labels(status.path).set(math.nan if due is None else due.timestamp())
+    for path in gone:
+        metrics.SECRET_AGE.labels(path).set(math.nan)
+        metrics.SECRET_DUE.labels(path).set(math.nan)
 
 
 def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
@@ -162,10 +174,10 @@ def check_rotation() -> dict[str, Any]:
         log.error("rotation_policies_unusable", reason=str(exc))
         rules = exc
     found = statuses(metas, rules, now)
-    changes = _snapshot(rt, found, now)
+    changes, gone = _snapshot(rt, found, now)
     for path, old, new in changes:
         log.info("secret_status_changed", path=path, previous=old, status=new)
-    _metrics(found, store_up=True)
+    _metrics(found, store_up=True, gone=gone)
     enqueued = _enqueue_rotations(rt, found)
     return {
         "store": store.name,

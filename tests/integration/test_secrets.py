@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +146,31 @@ def test_check_rotation_sees_every_status_and_records_changes(
     assert REGISTRY.get_sample_value("fleet_secret_store_up") == 1
     age = REGISTRY.get_sample_value("fleet_secret_age_seconds", {"path": "db/app"})
     assert age is not None and 40 * 86400 - 60 < age < 40 * 86400 + 60
+
+
+def test_a_secret_deleted_or_no_longer_managed_stops_alerting(app: Celery) -> None:
+    """Both were overdue; then one is deleted and the other loses its rotation settings.
+    Their due dates must not stay behind in the metrics (the overdue alert would never
+    resolve): the check sets them to NaN, which compares false with anything."""
+    due, age = "fleet_secret_rotation_due_timestamp_seconds", "fleet_secret_age_seconds"
+    put(app, "svc/retired", {"password": "ret-pass-1"}, days=40)
+    put(app, "db/old", {"password": "old-pass-1"}, days=40, rotation_interval_days="30")
+    first = run(app, "secrets.check_rotation").result
+    assert {s["path"]: s["status"] for s in first["secrets"]} == {
+        "svc/retired": "overdue",
+        "db/old": "overdue",
+    }
+    for path in ("svc/retired", "db/old"):
+        assert REGISTRY.get_sample_value(due, {"path": path}) < datetime.now(UTC).timestamp()
+    store = store_of(app)
+    store.delete("svc/retired")
+    store.set_custom_metadata("db/old", {})
+    second = run(app, "secrets.check_rotation").result
+    assert {s["path"]: s["status"] for s in second["secrets"]} == {"db/old": "unmanaged"}
+    assert math.isnan(REGISTRY.get_sample_value(due, {"path": "svc/retired"}))
+    assert math.isnan(REGISTRY.get_sample_value(age, {"path": "svc/retired"}))
+    assert math.isnan(REGISTRY.get_sample_value(due, {"path": "db/old"}))
+    assert 40 * 86400 - 60 < REGISTRY.get_sample_value(age, {"path": "db/old"}) < 40 * 86400 + 60
 
 
 def test_a_store_that_is_down_is_reported_without_a_traceback(
