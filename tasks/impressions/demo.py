@@ -162,7 +162,8 @@ class ImpressionsAct:
         counted, users, flag_count = self._counted(rt)
         dead = rt.redis.llen(DEAD)
         return (
-            f"impressions: {self.good:,} pushed, {counted:,} counted, {dead} dead letters; "
+            f"impressions: {self.good:,} good ones pushed and {counted:,} counted, {self.bad} bad "
+            f"ones pushed and {dead} dead-lettered; "
             f"new_ui_enabled/on users today: {users}; production new_ui_enabled "
             f"impression_count: {flag_count:,}"
         )
