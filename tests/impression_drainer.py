@@ -39,7 +39,7 @@ def die() -> None:
 STEPS: dict[str, list[tuple[Any, str, bool]]] = {
     "mid_aggregation": [(job.Tally, "add", False), (job.Tally, "total", False)],
     # rows written, not yet committed: one batch alone, or a group committed together
-    "mid_transaction": [(job, "apply_batch", False), (job, "apply_batches", False)],
+    "mid_transaction": [(job, "apply_batches", False)],
     "after_commit": [(job.UserSketches, "add", True)],
     "before_finish": [(ImpressionQueue, "finish", True)],
     "after_finish": [(ImpressionQueue, "finish", False)],

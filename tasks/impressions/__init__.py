@@ -22,7 +22,7 @@ from pydantic import Field
 from tasks.impressions.queue import Batch, ImpressionQueue
 from tasks.impressions.records import Counted, Tally
 from tasks.impressions.rollup import fold_minutes
-from tasks.impressions.store import AlreadyApplied, Prepared, apply_batch, apply_batches
+from tasks.impressions.store import AlreadyApplied, Prepared, apply_batches
 from tasks.impressions.users import UserSketches, persist_users
 from workers.jobs import RetryPolicy, job
 from workers.logs import get_logger
@@ -109,10 +109,7 @@ def commit(
     now = datetime.now(UTC)
     try:
         with rt.engine.begin() as connection:
-            if len(group) == 1:
-                apply_batch(connection, group[0][0].id, group[0][1], prepared, now)
-            else:
-                apply_batches(connection, [(b.id, counted) for b, counted in group], prepared, now)
+            apply_batches(connection, [(b.id, counted) for b, counted in group], prepared, now)
     except AlreadyApplied:  # rolled back; never for batches taken fresh
         if len(group) == 1:  # taken over, and its first worker committed it after all
             _finish(queue, *group[0], False, now, summary)

@@ -165,9 +165,8 @@ def _decoded(items: list[bytes]) -> _Decoded:
         try:
             # Brackets added to the first and last payloads, not to a copy of the batch.
             ends = list(items)
-            ends[0], ends[-1] = b"[" + ends[0], ends[-1] + b"]"
-            if len(items) == 1:
-                ends[0] = b"[" + items[0] + b"]"
+            ends[0] = b"[" + ends[0]
+            ends[-1] = ends[-1] + b"]"  # the same payload when there is one
             records = _decode_batch(b",".join(ends))
         except _DECODE_ERRORS:
             records = []

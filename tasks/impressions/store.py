@@ -114,14 +114,6 @@ def apply_batches(
     _write(connection, prepared)
 
 
-def apply_batch(
-    connection: Connection, batch_id: str, figures: BatchFigures, prepared: Prepared, now: datetime
-) -> None:
-    """One batch, in the caller's transaction. Raises :class:`AlreadyApplied` when it was
-    applied before (then nothing was written)."""
-    apply_batches(connection, [(batch_id, figures)], prepared, now)
-
-
 def _write(connection: Connection, prepared: Prepared) -> None:
     if prepared.copy is not None:
         _copy_counts(connection, prepared.copy)

@@ -287,7 +287,7 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     before (its worker died after committing) is applied one batch at a time instead."""
     from tasks.impressions import DrainSummary, Tally, UserSketches, commit, count, prepare
     from tasks.impressions.queue import ImpressionQueue
-    from tasks.impressions.store import apply_batch
+    from tasks.impressions.store import apply_batches
 
     add_flags(rt.engine)
     stream = Stream(900, bad_every=100)
@@ -305,7 +305,7 @@ def test_a_group_commits_its_batches_once_each_and_falls_back_when_one_was_appli
     first_counted = count(rt, first, batches[0])
     with rt.engine.begin() as connection:
         now = datetime.now(UTC)
-        apply_batch(connection, taken[0][0].id, first_counted, prepare(rt, first), now)
+        apply_batches(connection, [(taken[0][0].id, first_counted)], prepare(rt, first), now)
     commit(rt, queue, sketches, taken, group, prepare(rt, tally))  # one at a time instead
     assert (group.batches, group.already_applied) == (3, 1)
     assert group.counted == taken[1][1].impressions + taken[2][1].impressions
