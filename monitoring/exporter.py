@@ -1,19 +1,28 @@
-"""The ``/metrics`` endpoint of every fleet process (see :mod:`monitoring.multiprocess`)."""
+"""The ``/metrics`` endpoint of every fleet process (see :mod:`monitoring.multiprocess`).
+
+Workers and schedulers serve what they count themselves. ``fleet exporter`` serves, once
+for the whole fleet, what Redis and the database hold (:func:`fleet_collectors`).
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-from monitoring.metrics import BUILD_INFO, BacklogCollector
+from monitoring.metrics import BUILD_INFO, BacklogCollector, FleetStateCollector
 from monitoring.multiprocess import MULTIPROC_ENV
 from workers import __version__
+
+if TYPE_CHECKING:
+    from workers.runtime import Runtime
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,7 +62,7 @@ class LiveMultiProcessCollector(MultiProcessCollector):
         return super().collect()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def build_registry(read_backlog: Callable[[], Any] | None = None) -> Any:
+def build_registry(collectors: Iterable[Collector] = ()) -> Any:
     """The registry this process serves: multiprocess-aware when the directory is set."""
     registry = CollectorRegistry()
     directory = os.environ.get(MULTIPROC_ENV)
@@ -61,9 +70,21 @@ def build_registry(read_backlog: Callable[[], Any] | None = None) -> Any:
         LiveMultiProcessCollector(registry, directory)
     else:
         registry.register(REGISTRY)
-    if read_backlog is not None:
-        registry.register(BacklogCollector(read_backlog))
+    for collector in collectors:
+        registry.register(collector)
     return registry
+
+
+def fleet_collectors(rt: Runtime) -> list[Collector]:
+    """The fleet-wide state, read at scrape time from Redis and from the database."""
+    from workers.backlog import read_backlog
+    from workers.fleetstate import read_fleet_state
+
+    def read_state() -> Any:
+        with rt.sessions() as session:
+            return read_fleet_state(session, datetime.now(UTC))
+
+    return [BacklogCollector(lambda: read_backlog(rt.redis)), FleetStateCollector(read_state)]
 
 
 def serve_metrics(port: int, registry: Any, addr: str = "0.0.0.0") -> int:  # noqa: S104

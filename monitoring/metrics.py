@@ -11,7 +11,8 @@ user id, a secret path of an unbounded set or a raw key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,19 +27,13 @@ FIRE_RESULTS = ("enqueued", "already_claimed", "misfired", "error", "recovered")
 TASK_RUNS = Counter(
     "fleet_task_runs",
     "Job runs finished, by job and outcome (success, failure, retry, skipped, lost).",
-    ["job", "outcome"],
+    ["task", "outcome"],
 )
 TASK_DURATION = Histogram(
     "fleet_task_duration_seconds",
     "Wall time of one job run, from start to its outcome.",
-    ["job"],
+    ["task"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
-)
-JOB_LAST_SUCCESS = Gauge(
-    "fleet_job_last_success_timestamp_seconds",
-    "Unix time of the job's last successful run (the dead man's switch reads this).",
-    ["job"],
-    multiprocess_mode="max",
 )
 SCHEDULE_FIRES = Counter(
     "fleet_schedule_fires",
@@ -61,12 +56,6 @@ BUILD_INFO = Gauge(
 
 # Drift detection ----------------------------------------------------------------------
 
-DRIFT_FINDINGS = Gauge(
-    "fleet_drift_findings",
-    "Open drift findings by environment, kind and severity (info: declared as expected).",
-    ["environment", "kind", "severity"],
-    multiprocess_mode="mostrecent",
-)
 DRIFT_OPENED = Counter(
     "fleet_drift_findings_opened",
     "Drift findings opened (new, or back after being resolved).",
@@ -76,12 +65,6 @@ DRIFT_RESOLVED = Counter(
     "fleet_drift_findings_resolved",
     "Drift findings resolved: the difference is gone.",
     ["environment", "kind", "severity"],
-)
-DRIFT_LAST_RUN = Gauge(
-    "fleet_drift_last_run_timestamp_seconds",
-    "Unix time of the last completed drift run covering the environment.",
-    ["environment"],
-    multiprocess_mode="max",
 )
 
 # Impressions -------------------------------------------------------------------------
@@ -111,30 +94,6 @@ IMPRESSIONS_FOLDED = Counter(
 
 # Secrets -------------------------------------------------------------------------------
 
-SECRET_AGE = Gauge(
-    "fleet_secret_age_seconds",
-    "Age of the secret's current version (label: the managed secret's path); NaN once gone.",
-    ["path"],
-    multiprocess_mode="mostrecent",
-)
-SECRET_DUE = Gauge(
-    "fleet_secret_rotation_due_timestamp_seconds",
-    "Unix time at which the secret's current version is due for rotation; NaN when it has "
-    "no due date (unmanaged) or is gone.",
-    ["path"],
-    multiprocess_mode="mostrecent",
-)
-SECRETS = Gauge(
-    "fleet_secrets",
-    "Managed secrets by status (ok, due_soon, overdue, unmanaged, error).",
-    ["status"],
-    multiprocess_mode="mostrecent",
-)
-SECRET_STORE_UP = Gauge(
-    "fleet_secret_store_up",
-    "1 when the last check could read the secret store; 0 when unreachable, sealed or refusing.",
-    multiprocess_mode="mostrecent",
-)
 SECRET_ROTATIONS = Counter(
     "fleet_secret_rotations",
     "Rotations by outcome (rotated, resumed, undone_then_rotated, failed) and last step.",
@@ -147,24 +106,6 @@ AUDIT_SHIPPED = Counter(
     "fleet_audit_events_shipped",
     "Audit events delivered to a sink and committed, by source table and sink.",
     ["source", "sink"],
-)
-AUDIT_LAG = Gauge(
-    "fleet_audit_ship_lag_seconds",
-    "Age of the oldest audit event a sink has not received yet (0 when caught up).",
-    ["source", "sink"],
-    multiprocess_mode="mostrecent",
-)
-AUDIT_BACKLOG = Gauge(
-    "fleet_audit_backlog_events",
-    "Audit events a sink has not received yet.",
-    ["source", "sink"],
-    multiprocess_mode="mostrecent",
-)
-AUDIT_SINK_UP = Gauge(
-    "fleet_audit_sink_up",
-    "1 when the sink confirmed the last shipment; 0 when down or stopped after a refusal.",
-    ["sink"],
-    multiprocess_mode="mostrecent",
 )
 AUDIT_SINK_ERRORS = Counter(
     "fleet_audit_sink_errors",
@@ -184,22 +125,10 @@ AUDIT_ID_GAPS = Counter(
 
 # Canary analysis ---------------------------------------------------------------------
 
-CANARY_SCORE = Gauge(
-    "fleet_canary_score",
-    "Score of the deployment's last analysis (0-100).",
-    ["deployment"],
-    multiprocess_mode="mostrecent",
-)
 CANARY_ANALYSES = Counter(
     "fleet_canary_analyses",
     "Canary analyses by verdict (pass, marginal, fail, nodata, error).",
     ["verdict"],
-)
-CANARY_DEPLOYMENTS = Gauge(
-    "fleet_canary_deployments",
-    "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted).",
-    ["state"],
-    multiprocess_mode="mostrecent",
 )
 CANARY_DECISIONS = Counter(
     "fleet_canary_decisions",
@@ -207,24 +136,132 @@ CANARY_DECISIONS = Counter(
     ["decision"],
 )
 
-# Read from Redis at scrape time (BacklogCollector), so they show with no worker running.
-QUEUE_DEPTH_NAME = "fleet_queue_depth"
-QUEUE_DEPTH_HELP = "Messages waiting in the broker queue, read from Redis at scrape time."
-BROKER_UP_NAME = "fleet_broker_up"
-BROKER_UP_HELP = "1 when the broker (Redis) answered the last scrape's reads, else 0."
-IMPRESSIONS_DEPTH_NAME = "fleet_impressions_queue_depth"
-IMPRESSIONS_DEPTH_HELP = "Impressions waiting in feature_flag_impressions."
-IMPRESSIONS_OLDEST_NAME = "fleet_impressions_oldest_age_seconds"
-IMPRESSIONS_OLDEST_HELP = "Age of the oldest waiting impression (0 when the list is empty)."
-IMPRESSIONS_DEAD_NAME = "fleet_impressions_dead_letters"
-IMPRESSIONS_DEAD_HELP = "Dead letters waiting in feature_flag_impressions:dead."
-SCRAPE_TIME_NAMES = (
-    QUEUE_DEPTH_NAME,
-    BROKER_UP_NAME,
-    IMPRESSIONS_DEPTH_NAME,
-    IMPRESSIONS_OLDEST_NAME,
-    IMPRESSIONS_DEAD_NAME,
+# Fleet-wide state, read at scrape time by ``fleet exporter`` only ---------------------
+#
+# Per-process metrics above are events each process counts (sum them in PromQL). What
+# follows describes the fleet as Redis and the database hold it: one collector reads it at
+# every scrape, in the one process kind that serves it, so it is neither doubled by the
+# number of workers nor left stale by a worker that has not re-run the job.
+
+
+@dataclass(frozen=True)
+class ScrapeTimeMetric:
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+QUEUE_DEPTH = ScrapeTimeMetric(
+    "fleet_queue_depth", "Messages waiting in the broker queue, read from Redis.", ("queue",)
 )
+BROKER_UP = ScrapeTimeMetric(
+    "fleet_broker_up", "1 when the broker (Redis) answered this scrape's reads, else 0."
+)
+IMPRESSIONS_DEPTH = ScrapeTimeMetric(
+    "fleet_impressions_queue_depth", "Impressions waiting in feature_flag_impressions."
+)
+IMPRESSIONS_OLDEST = ScrapeTimeMetric(
+    "fleet_impressions_oldest_age_seconds",
+    "Age of the oldest waiting impression (0 when the list is empty).",
+)
+IMPRESSIONS_DEAD = ScrapeTimeMetric(
+    "fleet_impressions_dead_letters", "Dead letters waiting in feature_flag_impressions:dead."
+)
+DATABASE_UP = ScrapeTimeMetric(
+    "fleet_database_up", "1 when the database answered this scrape's reads, else 0."
+)
+JOB_LAST_SUCCESS = ScrapeTimeMetric(
+    "fleet_job_last_success_timestamp_seconds",
+    "Unix time of the job's last successful (or skipped) run, whichever worker ran it "
+    "(the dead man's switch reads this).",
+    ("task",),
+)
+DRIFT_FINDINGS = ScrapeTimeMetric(
+    "fleet_drift_findings",
+    "Open drift findings by environment, kind and severity (info: declared as expected).",
+    ("environment", "kind", "severity"),
+)
+DRIFT_LAST_RUN = ScrapeTimeMetric(
+    "fleet_drift_last_run_timestamp_seconds",
+    "Unix time of the last completed drift run covering the environment.",
+    ("environment",),
+)
+SECRETS = ScrapeTimeMetric(
+    "fleet_secrets",
+    "Managed secrets by status (ok, due_soon, overdue, unmanaged, error), as last checked.",
+    ("status",),
+)
+SECRET_AGE = ScrapeTimeMetric(
+    "fleet_secret_age_seconds",
+    "Age of the secret's current version (label: the managed secret's path).",
+    ("path",),
+)
+SECRET_DUE = ScrapeTimeMetric(
+    "fleet_secret_rotation_due_timestamp_seconds",
+    "Unix time at which the secret's current version is due for rotation (absent when it "
+    "has no due date, or is gone).",
+    ("path",),
+)
+SECRET_STORE_UP = ScrapeTimeMetric(
+    "fleet_secret_store_up",
+    "1 when the last check could read the secret store; 0 when unreachable, sealed or refusing.",
+)
+AUDIT_LAG = ScrapeTimeMetric(
+    "fleet_audit_ship_lag_seconds",
+    "Age of the oldest audit event a sink has not received yet (0 when caught up).",
+    ("source", "sink"),
+)
+AUDIT_BACKLOG = ScrapeTimeMetric(
+    "fleet_audit_backlog_events", "Audit events a sink has not received yet.", ("source", "sink")
+)
+AUDIT_SINK_UP = ScrapeTimeMetric(
+    "fleet_audit_sink_up",
+    "1 when the sink confirmed the last shipment; 0 when down or stopped after a refusal.",
+    ("sink",),
+)
+CANARY_SCORE = ScrapeTimeMetric(
+    "fleet_canary_score",
+    "Score (0-100) of the last analysis of each deployment being judged or decided today.",
+    ("deployment",),
+)
+CANARY_DEPLOYMENTS = ScrapeTimeMetric(
+    "fleet_canary_deployments",
+    "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted).",
+    ("state",),
+)
+SCRAPE_TIME = (
+    QUEUE_DEPTH,
+    BROKER_UP,
+    IMPRESSIONS_DEPTH,
+    IMPRESSIONS_OLDEST,
+    IMPRESSIONS_DEAD,
+    DATABASE_UP,
+    JOB_LAST_SUCCESS,
+    DRIFT_FINDINGS,
+    DRIFT_LAST_RUN,
+    SECRETS,
+    SECRET_AGE,
+    SECRET_DUE,
+    SECRET_STORE_UP,
+    AUDIT_LAG,
+    AUDIT_BACKLOG,
+    AUDIT_SINK_UP,
+    CANARY_SCORE,
+    CANARY_DEPLOYMENTS,
+)
+SCRAPE_TIME_NAMES = tuple(metric.name for metric in SCRAPE_TIME)
+
+
+def _family(metric: ScrapeTimeMetric, values: Mapping[Any, float]) -> GaugeMetricFamily:
+    """A gauge family from {label value(s): value}; a bare key for a single label."""
+    family = GaugeMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+    for key, value in sorted(values.items()):
+        family.add_metric([str(k) for k in (key if isinstance(key, tuple) else (key,))], value)
+    return family
+
+
+def _single(metric: ScrapeTimeMetric, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(metric.name, metric.help, value=value)
 
 
 class BacklogCollector(Collector):
@@ -235,33 +272,60 @@ class BacklogCollector(Collector):
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily(BROKER_UP_NAME, BROKER_UP_HELP)
         try:
             backlog = self._read()
         except Exception:  # the broker being down is itself the measurement
-            up.add_metric([], 0)
-            yield up
+            yield _single(BROKER_UP, 0)
             return
-        up.add_metric([], 1)
-        yield up
-        depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, QUEUE_DEPTH_HELP, labels=["queue"])
-        for queue, value in sorted(backlog.queues.items()):
-            depth.add_metric([queue], value)
-        yield depth
-        yield GaugeMetricFamily(
-            IMPRESSIONS_DEPTH_NAME, IMPRESSIONS_DEPTH_HELP, value=backlog.impressions
-        )
-        yield GaugeMetricFamily(
-            IMPRESSIONS_DEAD_NAME, IMPRESSIONS_DEAD_HELP, value=backlog.impressions_dead
-        )
-        yield GaugeMetricFamily(
-            IMPRESSIONS_OLDEST_NAME,
-            IMPRESSIONS_OLDEST_HELP,
-            value=backlog.oldest_impression_age or 0.0,
-        )
+        yield _single(BROKER_UP, 1)
+        yield _family(QUEUE_DEPTH, backlog.queues)
+        yield _single(IMPRESSIONS_DEPTH, backlog.impressions)
+        yield _single(IMPRESSIONS_DEAD, backlog.impressions_dead)
+        yield _single(IMPRESSIONS_OLDEST, backlog.oldest_impression_age or 0.0)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []
+
+
+class FleetStateCollector(Collector):
+    """Reads the fleet's state from the database at scrape time (``read`` returns a
+    workers.fleetstate.FleetState or raises when the database is unreachable)."""
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            state = self._read()
+        except Exception:  # the database being down is itself the measurement
+            yield _single(DATABASE_UP, 0)
+            return
+        yield _single(DATABASE_UP, 1)
+        yield _family(JOB_LAST_SUCCESS, state.last_success)
+        yield _family(DRIFT_FINDINGS, state.drift_findings)
+        yield _family(DRIFT_LAST_RUN, state.drift_last_run)
+        yield _family(SECRETS, state.secrets)
+        yield _family(SECRET_AGE, state.secret_age)
+        yield _family(SECRET_DUE, state.secret_due)
+        if state.secret_store_up is not None:
+            yield _single(SECRET_STORE_UP, state.secret_store_up)
+        yield _family(AUDIT_LAG, state.audit_lag)
+        yield _family(AUDIT_BACKLOG, state.audit_backlog)
+        yield _family(AUDIT_SINK_UP, state.audit_sink_up)
+        yield _family(CANARY_SCORE, state.canary_score)
+        yield _family(CANARY_DEPLOYMENTS, state.canary_deployments)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
+def defined_label_names() -> set[str]:
+    """Every label name a fleet metric carries (a test checks none is one a scrape sets)."""
+    names = {label for metric in SCRAPE_TIME for label in metric.labels}
+    for value in globals().values():
+        if isinstance(value, Counter | Gauge | Histogram):
+            names.update(value._labelnames)
+    return names
 
 
 def defined_metric_names() -> set[str]:

@@ -33,7 +33,6 @@ def scheduler(schedule_file: Path | None, metrics_port: int | None) -> None:
     from schedules.claims import FireClaims
     from schedules.daemon import Dispatcher, build_scheduler, replica_id, run_until_signalled
     from schedules.table import load_schedules
-    from workers.backlog import read_backlog
     from workers.celery_app import create_app
     from workers.logs import get_logger
 
@@ -71,7 +70,7 @@ def scheduler(schedule_file: Path | None, metrics_port: int | None) -> None:
         if schedule.enabled and upcoming:
             metrics.SCHEDULE_NEXT_FIRE.labels(schedule.name).set(upcoming[0].timestamp())
     port = settings.metrics_port + 1 if metrics_port is None else metrics_port
-    bound = serve_metrics(port, build_registry(lambda: read_backlog(rt.redis)))
+    bound = serve_metrics(port, build_registry())
     record_build_info("scheduler")
     get_logger("fleet.scheduler").info(
         "scheduler_starting",

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -117,3 +117,25 @@ def run_fleet(
         cwd=env.get("FLEET_HOME", str(ROOT)),
         check=False,
     )
+
+
+def fleet_gauge(
+    sessions: Callable[[], Any], name: str, labels: dict[str, str] | None = None
+) -> float | None:
+    """A fleet-wide gauge as ``fleet exporter`` serves it at this moment (read from the
+    database through ``sessions``, a session factory), or None when it has no such series."""
+    from datetime import UTC, datetime
+
+    from prometheus_client import CollectorRegistry
+
+    from monitoring.metrics import FleetStateCollector
+    from workers.fleetstate import read_fleet_state
+
+    def read() -> Any:
+        with sessions() as session:
+            return read_fleet_state(session, datetime.now(UTC))
+
+    registry = CollectorRegistry()
+    registry.register(FleetStateCollector(read))
+    value = registry.get_sample_value(name, labels or {})
+    return None if value is None else float(value)

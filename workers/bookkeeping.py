@@ -22,6 +22,7 @@ from celery import signals
 from sqlalchemy import insert, update
 
 from workers.db.models import TaskRun
+from workers.fleetstate import LAST_SUCCESS, record_health
 from workers.logs import get_logger, redact
 from workers.runtime import installed
 
@@ -189,23 +190,26 @@ def _on_postrun(
     metrics = _metrics()
     metrics.TASK_RUNS.labels(task.name, outcome).inc()
     metrics.TASK_DURATION.labels(task.name).observe(seconds)
-    if outcome in ("success", "skipped"):
-        metrics.JOB_LAST_SUCCESS.labels(task.name).set(time.time())
     error = flight.error if flight else None
     rt = installed()
     if rt is not None and flight is not None and flight.row_id is not None:
         try:
             with rt.sessions.begin() as session:
+                finished = now()
                 session.execute(
                     update(TaskRun)
                     .where(TaskRun.id == flight.row_id)
                     .values(
                         outcome=outcome,
-                        finished_at=now(),
+                        finished_at=finished,
                         error=error if outcome in ("failure", "retry") else None,
                         result=result_summary(retval) if outcome != "failure" else None,
                     )
                 )
+                if outcome in ("success", "skipped"):
+                    # The dead man's switch: read by fleet exporter, whichever worker ran it.
+                    succeeded = {task.name: finished.timestamp()}
+                    record_health(session, LAST_SUCCESS, succeeded, finished)
         except Exception as exc:
             log.warning("task_run_record_failed", phase="finish", error=describe_error(exc))
     log.info("task_finished", outcome=outcome, seconds=round(seconds, 3), error=error)

@@ -120,7 +120,7 @@ def overview() -> Board:
     board.add(
         "stat",
         "Seconds since last success, by job",
-        [("fleet:job_seconds_since_success", "{{job}}")],
+        [("fleet:job_seconds_since_success", "{{task}}")],
         width=24,
         unit="s",
         description="The dead man's switch alerts at three times each job's interval.",
@@ -128,12 +128,12 @@ def overview() -> Board:
     board.add(
         "timeseries",
         "Runs by outcome (per second)",
-        [("sum by (job, outcome) (rate(fleet_task_runs_total[5m]))", "{{job}} {{outcome}}")],
+        [("sum by (task, outcome) (rate(fleet_task_runs_total[5m]))", "{{task}} {{outcome}}")],
     )
     board.add(
         "timeseries",
         "Failure ratio (15m)",
-        [("fleet:task_failure_ratio:rate15m", "{{job}}")],
+        [("fleet:task_failure_ratio:rate15m", "{{task}}")],
         unit="percentunit",
     )
     board.add(
@@ -141,9 +141,9 @@ def overview() -> Board:
         "Run duration p95",
         [
             (
-                "histogram_quantile(0.95, sum by (job, le)"
+                "histogram_quantile(0.95, sum by (task, le)"
                 " (rate(fleet_task_duration_seconds_bucket[5m])))",
-                "{{job}}",
+                "{{task}}",
             )
         ],
         unit="s",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import DateTime, Table, func, select
+from sqlalchemy import DateTime, Table, select
 from sqlalchemy.orm import Session
 
 from tasks.audit.events import (
@@ -40,14 +40,8 @@ from tasks.audit.sinks import (
     _HttpConfig,
     load_sinks,
 )
-from workers.db.models import (
-    AuditCursor,
-    AuditSinkState,
-    ConfigurationAuditLog,
-    FeatureFlagAuditLog,
-    FleetAuditLog,
-    UTCDateTime,
-)
+from workers.db.models import AUDIT_SOURCE_TABLES, AuditCursor, AuditSinkState, UTCDateTime
+from workers.fleetstate import AUDIT_SINK, audit_backlog, prune_health, record_health
 from workers.jobs import PermanentError, RetryPolicy, job
 from workers.locks import job_locks
 from workers.logs import get_logger, register_secret
@@ -56,11 +50,7 @@ from workers.settings import FleetSettings
 
 log = get_logger("fleet.audit")
 
-TABLES: dict[str, Table] = {
-    "configuration_audit_log": ConfigurationAuditLog.__table__,  # type: ignore[dict-item]
-    "feature_flag_audit_log": FeatureFlagAuditLog.__table__,  # type: ignore[dict-item]
-    "fleet_audit_log": FleetAuditLog.__table__,  # type: ignore[dict-item]
-}
+TABLES: dict[str, Table] = AUDIT_SOURCE_TABLES
 TIME_LIMIT = 300
 LOCK_TTL = 20  # renewed while the shipper lives; a killed one frees the sink within this
 
@@ -250,7 +240,7 @@ class Shipper:
             state = _state(session, self.sink.name, datetime.now(UTC))
             if state.stopped_reason:
                 self.run.stopped = state.stopped_reason
-                metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
+                _record_sink(session, self.sink.name, False, state.stopped_reason)
                 return self.run
             self.sink.recover(state.segment, state.offset)
         try:
@@ -265,14 +255,16 @@ class Shipper:
             self._checkpoint_if_due(force=False)
         except SinkUnavailable as exc:
             self.run.error = str(exc)
-            metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
+            with self.rt.sessions.begin() as session:
+                _record_sink(session, self.sink.name, False, str(exc))
             metrics.AUDIT_SINK_ERRORS.labels(self.sink.name, "unavailable").inc()
             log.error("audit_sink_unavailable", sink=self.sink.name, reason=str(exc))
             return self.run
         except SinkRefused as exc:
             self._stop(str(exc))
             return self.run
-        metrics.AUDIT_SINK_UP.labels(self.sink.name).set(1)
+        with self.rt.sessions.begin() as session:
+            _record_sink(session, self.sink.name, True)
         return self.run
 
     def _stop(self, reason: str) -> None:
@@ -280,8 +272,8 @@ class Shipper:
 
         with self.rt.sessions.begin() as session:
             _state(session, self.sink.name, datetime.now(UTC)).stopped_reason = reason
+            _record_sink(session, self.sink.name, False, reason)
         self.run.stopped = reason
-        metrics.AUDIT_SINK_UP.labels(self.sink.name).set(0)
         metrics.AUDIT_SINK_ERRORS.labels(self.sink.name, "refused").inc()
         log.error(
             "audit_sink_stopped",
@@ -441,27 +433,20 @@ class Shipper:
         self.run.checkpoints += 1
 
 
-def record_backlog(rt: Runtime, sinks: list[str], now: datetime) -> dict[str, dict[str, int]]:
-    """Events not yet shipped and the age of the oldest, per source and sink."""
-    from monitoring import metrics
+def _record_sink(session: Session, sink: str, up: bool, reason: str | None = None) -> None:
+    """Whether the sink took its last batch, for ``fleet exporter`` (which also reads the
+    backlog and lag of every sink recorded here, at scrape time)."""
+    now = datetime.now(UTC)
+    record_health(session, AUDIT_SINK, {sink: 1 if up else 0}, now, details={sink: reason})
 
-    backlog: dict[str, dict[str, int]] = {}
+
+def record_backlog(rt: Runtime, sinks: list[str], now: datetime) -> dict[str, dict[str, int]]:
+    """Events not yet shipped, per sink and source."""
     with rt.sessions() as session:
-        for source, table in TABLES.items():
-            for sink in sinks:
-                cursor = session.get(AuditCursor, (source, sink))
-                last = cursor.last_id if cursor else 0
-                waiting = (
-                    session.scalar(select(func.count()).select_from(table).where(table.c.id > last))
-                    or 0
-                )
-                oldest = session.scalar(
-                    select(func.min(table.c.timestamp)).where(table.c.id > last)
-                )
-                lag = (now - oldest).total_seconds() if oldest is not None else 0.0
-                metrics.AUDIT_BACKLOG.labels(source, sink).set(waiting)
-                metrics.AUDIT_LAG.labels(source, sink).set(max(0.0, lag))
-                backlog.setdefault(sink, {})[source] = int(waiting)
+        waiting, _lag = audit_backlog(session, sinks, now)
+    backlog: dict[str, dict[str, int]] = {}
+    for (source, sink), count in waiting.items():
+        backlog.setdefault(sink, {})[source] = count
     return backlog
 
 
@@ -482,6 +467,9 @@ def ship(rt: Runtime, sink: str | None = None, budget_seconds: float = 240.0) ->
     )
     deadline = time.monotonic() + budget_seconds
     results: dict[str, Any] = {}
+    if sink is None:
+        with rt.sessions.begin() as session:
+            prune_health(session, AUDIT_SINK, [c.name for c in config.sinks])
     for sink_config in chosen:
         target = open_sink(rt.settings, sink_config)
         with job_locks(rt.redis, [f"audit:{target.name}"], ttl=LOCK_TTL) as busy:

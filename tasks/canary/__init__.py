@@ -228,8 +228,6 @@ def analyze_one(
             "reason": reason or step.reason,
         }
     metrics.CANARY_ANALYSES.labels(classification).inc()
-    if verdict is not None and verdict.score is not None:
-        metrics.CANARY_SCORE.labels(outcome["deployment"]).set(verdict.score)
     if step.decision:
         metrics.CANARY_DECISIONS.labels(step.decision).inc()
         log.warning("canary_decided", **outcome)
@@ -239,8 +237,8 @@ def analyze_one(
 
 
 def record_states(rt: Runtime) -> dict[str, int]:
-    from monitoring import metrics
-
+    """Deployments by state, for the run's summary (fleet exporter reads them at scrape
+    time for the metrics)."""
     with rt.sessions() as session:
         counts = Counter(
             dict(
@@ -249,8 +247,6 @@ def record_states(rt: Runtime) -> dict[str, int]:
                 ).all()
             )
         )
-    for state in STATES:
-        metrics.CANARY_DEPLOYMENTS.labels(state).set(counts.get(state, 0))
     return {state: counts.get(state, 0) for state in STATES}
 
 

@@ -28,8 +28,9 @@ from tasks.drift.sources import (
     parse_desired,
     read_live,
 )
-from tasks.drift.store import Reconciled, open_counts, reconcile
+from tasks.drift.store import Reconciled, reconcile
 from workers.db.models import Configuration
+from workers.fleetstate import DRIFT_RUN, record_health
 from workers.jobs import PermanentError, RetryPolicy, job, skipped
 from workers.locks import job_locks
 from workers.logs import get_logger
@@ -183,24 +184,17 @@ def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -
     scopes = None if cross else {f"env:{env}" for env in environments}
     with rt.sessions.begin() as session:
         outcome = reconcile(session, found, scopes, now)
-        labels = environments + ([CROSS, "all"] if cross else [])
-        counts = open_counts(session, labels)
-    _record(outcome, counts, environments, now)
+        # Open findings are read from drift_findings at scrape time (fleet exporter); the
+        # time of this run is what no table records.
+        covered = environments + ([CROSS, "all"] if cross else [])
+        record_health(session, DRIFT_RUN, dict.fromkeys(covered, now.timestamp()), now)
+    _record(outcome, environments)
     return summary(found, outcome, environments, max_findings)
 
 
-def _record(
-    outcome: Reconciled,
-    counts: dict[tuple[str, str, str], int],
-    environments: list[str],
-    now: datetime,
-) -> None:
+def _record(outcome: Reconciled, environments: list[str]) -> None:
     from monitoring import metrics
 
-    for labels, count in counts.items():
-        metrics.DRIFT_FINDINGS.labels(*labels).set(count)
-    for environment in environments:
-        metrics.DRIFT_LAST_RUN.labels(environment).set(now.timestamp())
     for finding in outcome.opened:
         metrics.DRIFT_OPENED.labels(finding.environment, finding.kind, finding.severity).inc()
     for row in outcome.resolved:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from tasks.drift.model import KINDS, SEVERITIES, Finding
+from tasks.drift.model import Finding
 from workers.db.models import DriftFindingRow
 
 _CHUNK = 500
@@ -123,26 +123,6 @@ def _open_or_reopen(
         result.opened.append(finding)
     for batch in _chunks(new_rows):
         session.execute(insert(DriftFindingRow), list(batch))
-
-
-def open_counts(session: Session, environments: Iterable[str]) -> dict[tuple[str, str, str], int]:
-    """Open findings per (environment, kind, severity) for ``environments``, with every
-    combination present (zeros too), so that a gauge falls to 0 when findings go."""
-    names = sorted(set(environments))
-    counts = {(env, kind, sev): 0 for env in names for kind in KINDS for sev in SEVERITIES}
-    query = (
-        select(
-            DriftFindingRow.environment,
-            DriftFindingRow.kind,
-            DriftFindingRow.severity,
-            func.count(),
-        )
-        .where(DriftFindingRow.resolved_at.is_(None), DriftFindingRow.environment.in_(names))
-        .group_by(DriftFindingRow.environment, DriftFindingRow.kind, DriftFindingRow.severity)
-    )
-    for environment, kind, severity, count in session.execute(query):
-        counts[(environment, kind, severity)] = int(count)
-    return counts
 
 
 def findings(

@@ -8,9 +8,7 @@ paths, versions, dates and statuses only.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 from sqlalchemy import select
 
 from tasks.secrets.model import (
-    STATUSES,
     PolicyError,
     PolicyRule,
     SecretMetadata,
@@ -30,6 +27,7 @@ from tasks.secrets.rotate import ROTATORS, STAGING, PostgresRotator
 from tasks.secrets.stores import SecretStore, SqlStore, StoreUnavailable, open_store
 from workers import audit
 from workers.db.models import SecretRotationStatus
+from workers.fleetstate import SECRET_STORE, record_health
 from workers.jobs import PermanentError, RetryPolicy, TransientError, job, skipped
 from workers.locks import job_locks
 from workers.logs import get_logger
@@ -115,24 +113,12 @@ def _snapshot(
     return changes, gone
 
 
-def _metrics(found: list[Status], store_up: bool, gone: Iterable[str] = ()) -> None:
-    """Every path's gauges set, to NaN where there is no value (no due date, no version) or
-    the path is gone: a series that merely stopped being updated would keep its last value
-    (a workers' metrics are shared through files, where a label set cannot be removed), and
-    an overdue secret that was deleted or unmanaged would alert for ever."""
-    from monitoring import metrics
-
-    metrics.SECRET_STORE_UP.set(1 if store_up else 0)
-    counts = Counter(s.status for s in found)
-    for name in STATUSES:
-        metrics.SECRETS.labels(name).set(counts.get(name, 0))
-    for status in found:
-        age, due = status.age, status.due_at
-        metrics.SECRET_AGE.labels(status.path).set(math.nan if age is None else age.total_seconds())
-        metrics.SECRET_DUE.labels(status.path).set(math.nan if due is None else due.timestamp())
-    for path in gone:
-        metrics.SECRET_AGE.labels(path).set(math.nan)
-        metrics.SECRET_DUE.labels(path).set(math.nan)
+def _record_store(rt: Runtime, up: bool, now: datetime, reason: str | None = None) -> None:
+    """Whether the store answered, for ``fleet exporter`` (the statuses themselves are read
+    from secret_rotation_status at scrape time: a deleted secret's row goes, and with it its
+    series and any overdue alert)."""
+    with rt.sessions.begin() as session:
+        record_health(session, SECRET_STORE, {"": 1 if up else 0}, now, details={"": reason})
 
 
 def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
@@ -165,7 +151,7 @@ def check_rotation() -> dict[str, Any]:
         store.health()
         metas = all_metadata(store)
     except StoreUnavailable as exc:
-        _metrics([], store_up=False)
+        _record_store(rt, False, now, str(exc))
         log.error("secret_store_unavailable", store=store.name, reason=str(exc))
         return {"store": store.name, "store_up": False, "error": str(exc), "secrets": []}
     try:
@@ -177,13 +163,14 @@ def check_rotation() -> dict[str, Any]:
     changes, gone = _snapshot(rt, found, now)
     for path, old, new in changes:
         log.info("secret_status_changed", path=path, previous=old, status=new)
-    _metrics(found, store_up=True, gone=gone)
+    _record_store(rt, True, now)
     enqueued = _enqueue_rotations(rt, found)
     return {
         "store": store.name,
         "store_up": True,
         "counts": dict(sorted(Counter(s.status for s in found).items())),
         "status_changes": len(changes),
+        "no_longer_seen": gone,
         "rotations_enqueued": enqueued,
         "secrets": [s.as_dict() for s in found],
     }

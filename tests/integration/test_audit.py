@@ -24,7 +24,7 @@ from sqlalchemy import insert, text
 
 from tasks.audit import hmac_key, ship
 from tasks.audit.verify import verify
-from tests.helpers import ROOT, run_fleet
+from tests.helpers import ROOT, fleet_gauge, run_fleet
 from workers.audit import record
 from workers.db.models import ConfigurationAuditLog, FeatureFlagAuditLog
 from workers.runtime import Runtime, install
@@ -165,13 +165,9 @@ def test_every_event_shipped_in_order_and_verified(rt: Runtime, archive: Path) -
     again = ship(rt)["sinks"]["archive"]
     assert again["shipped"]["configuration_audit_log"] == 10
     assert verify([archive], hmac_key(rt.settings)).ok
-    assert (
-        REGISTRY.get_sample_value(
-            "fleet_audit_backlog_events", {"source": "configuration_audit_log", "sink": "archive"}
-        )
-        == 0
-    )
-    assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "archive"}) == 1
+    backlog = {"source": "configuration_audit_log", "sink": "archive"}
+    assert fleet_gauge(rt.sessions, "fleet_audit_backlog_events", backlog) == 0
+    assert fleet_gauge(rt.sessions, "fleet_audit_sink_up", {"sink": "archive"}) == 1
 
 
 def shipper_env(postgres_url: str, redis_url: str, tmp_path: Path, config: Path) -> dict[str, str]:
@@ -311,9 +307,11 @@ def test_an_http_sink_that_fails_and_times_out_loses_nothing(
         add_events(rt, 120)
         first = ship(rt)["sinks"]["siem"]
         assert first["error"] is not None and "HTTP 500 after 6 attempts" in first["error"]
-        assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "siem"}) == 0
-        backlog = REGISTRY.get_sample_value(
-            "fleet_audit_backlog_events", {"source": "configuration_audit_log", "sink": "siem"}
+        assert fleet_gauge(rt.sessions, "fleet_audit_sink_up", {"sink": "siem"}) == 0
+        backlog = fleet_gauge(
+            rt.sessions,
+            "fleet_audit_backlog_events",
+            {"source": "configuration_audit_log", "sink": "siem"},
         )
         assert backlog is not None and backlog > 0
         second = ship(rt)["sinks"]["siem"]  # the receiver has recovered
@@ -322,7 +320,7 @@ def test_an_http_sink_that_fails_and_times_out_loses_nothing(
         unique = list(dict.fromkeys(got))  # at least once: receivers drop repeats by event_id
         assert [i for i in unique if not i.startswith("checkpoint")] == expected_ids(120, 3, 1)
         assert receiver.headers[0]["Authorization"] == "Bearer tok-siem-77"
-        assert REGISTRY.get_sample_value("fleet_audit_sink_up", {"sink": "siem"}) == 1
+        assert fleet_gauge(rt.sessions, "fleet_audit_sink_up", {"sink": "siem"}) == 1
     finally:
         receiver.close()
         rt.close()

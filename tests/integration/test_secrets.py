@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from sqlalchemy import select, text, update
 
 from tasks.secrets.rotate import STAGING, PostgresRotator, RotationFailed
 from tasks.secrets.stores import SecretStore, StoreUnavailable, VaultStore, open_store
-from tests.helpers import ROOT
+from tests.helpers import ROOT, fleet_gauge
 from tests.password_cluster import Cluster, password_cluster
 from tests.vault_double import Policy, VaultState, load_policy, vault_double
 from workers.celery_app import create_app
@@ -142,17 +141,18 @@ def test_check_rotation_sees_every_status_and_records_changes(
         snapshot = {r.path: r for r in session.scalars(select(SecretRotationStatus))}
     assert len(changes) == 5
     assert snapshot["db/app"].due_at is not None and snapshot["db/app"].rotator == "postgres"
-    assert REGISTRY.get_sample_value("fleet_secrets", {"status": "error"}) == 2
-    assert REGISTRY.get_sample_value("fleet_secret_store_up") == 1
-    age = REGISTRY.get_sample_value("fleet_secret_age_seconds", {"path": "db/app"})
+    assert fleet_gauge(rt.sessions, "fleet_secrets", {"status": "error"}) == 2
+    assert fleet_gauge(rt.sessions, "fleet_secret_store_up") == 1
+    age = fleet_gauge(rt.sessions, "fleet_secret_age_seconds", {"path": "db/app"})
     assert age is not None and 40 * 86400 - 60 < age < 40 * 86400 + 60
 
 
 def test_a_secret_deleted_or_no_longer_managed_stops_alerting(app: Celery) -> None:
     """Both were overdue; then one is deleted and the other loses its rotation settings.
     Their due dates must not stay behind in the metrics (the overdue alert would never
-    resolve): the check sets them to NaN, which compares false with anything."""
+    resolve): the exporter stops serving a deleted secret and an unmanaged one's due date."""
     due, age = "fleet_secret_rotation_due_timestamp_seconds", "fleet_secret_age_seconds"
+    sessions = runtime_of(app).sessions
     put(app, "svc/retired", {"password": "ret-pass-1"}, days=40)
     put(app, "db/old", {"password": "old-pass-1"}, days=40, rotation_interval_days="30")
     first = run(app, "secrets.check_rotation").result
@@ -161,16 +161,18 @@ def test_a_secret_deleted_or_no_longer_managed_stops_alerting(app: Celery) -> No
         "db/old": "overdue",
     }
     for path in ("svc/retired", "db/old"):
-        assert REGISTRY.get_sample_value(due, {"path": path}) < datetime.now(UTC).timestamp()
+        overdue = fleet_gauge(sessions, due, {"path": path})
+        assert overdue is not None and overdue < datetime.now(UTC).timestamp()
     store = store_of(app)
     store.delete("svc/retired")
     store.set_custom_metadata("db/old", {})
     second = run(app, "secrets.check_rotation").result
     assert {s["path"]: s["status"] for s in second["secrets"]} == {"db/old": "unmanaged"}
-    assert math.isnan(REGISTRY.get_sample_value(due, {"path": "svc/retired"}))
-    assert math.isnan(REGISTRY.get_sample_value(age, {"path": "svc/retired"}))
-    assert math.isnan(REGISTRY.get_sample_value(due, {"path": "db/old"}))
-    assert 40 * 86400 - 60 < REGISTRY.get_sample_value(age, {"path": "db/old"}) < 40 * 86400 + 60
+    assert fleet_gauge(sessions, due, {"path": "svc/retired"}) is None
+    assert fleet_gauge(sessions, age, {"path": "svc/retired"}) is None
+    assert fleet_gauge(sessions, due, {"path": "db/old"}) is None
+    still = fleet_gauge(sessions, age, {"path": "db/old"})
+    assert still is not None and 40 * 86400 - 60 < still < 40 * 86400 + 60
 
 
 def test_a_store_that_is_down_is_reported_without_a_traceback(
@@ -195,10 +197,10 @@ def test_a_store_that_is_down_is_reported_without_a_traceback(
             "error": "vault: Vault is sealed",
             "secrets": [],
         }
-        assert REGISTRY.get_sample_value("fleet_secret_store_up") == 0
+        assert fleet_gauge(rt.sessions, "fleet_secret_store_up") == 0
         state.sealed = False
         assert application.tasks["secrets.check_rotation"].apply().result["store_up"] is True
-        assert REGISTRY.get_sample_value("fleet_secret_store_up") == 1
+        assert fleet_gauge(rt.sessions, "fleet_secret_store_up") == 1
         rt.close()
 
 

@@ -17,7 +17,10 @@ from tests.vault_double import allowed, load_policy
 from workers.settings import ENV_PREFIX, FleetSettings, load_settings
 
 COMPOSE = ROOT / "docker-compose.yml"
-FLEET_SERVICES = {"migrate", "worker-1", "worker-2", "scheduler-1", "scheduler-2"}
+FLEET_SERVICES = {"migrate", "worker-1", "worker-2", "scheduler-1", "scheduler-2", "exporter"}
+# The scrape job of each fleet service, and the port it serves on past FLEET_METRICS_PORT.
+SCRAPE_JOBS = {"worker-": ("fleet-workers", 0), "scheduler-": ("fleet-schedulers", 1)}
+SCRAPE_JOBS["exporter"] = ("fleet-exporter", 2)
 
 
 @pytest.fixture(scope="module")
@@ -166,19 +169,17 @@ def test_prometheus_scrapes_the_fleets_processes_where_they_serve(
         mounted = container_path(prometheus, rule_file)
         assert mounted is not None and mounted.is_file(), rule_file
     port = int(fleet_env(found["worker-1"])["FLEET_METRICS_PORT"])
-    expected = {
-        "fleet-workers": {f"{n}:{port}" for n in found if n.startswith("worker-")},
-        "fleet-schedulers": {f"{n}:{port + 1}" for n in found if n.startswith("scheduler-")},
-    }
+    expected: dict[str, set[str]] = {}
+    for name in FLEET_SERVICES - {"migrate"}:
+        job, offset = next(v for prefix, v in SCRAPE_JOBS.items() if name.startswith(prefix))
+        expected.setdefault(job, set()).add(f"{name}:{port + offset}")
+        probe = " ".join(found[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port + offset}/metrics" in probe, name
     targets = {
         job["job_name"]: {t for static in job["static_configs"] for t in static["targets"]}
         for job in config["scrape_configs"]
     }
     assert targets == expected
-    for name in FLEET_SERVICES - {"migrate"}:
-        probe = " ".join(found[name]["healthcheck"]["test"])
-        kind = "fleet-workers" if name.startswith("worker") else "fleet-schedulers"
-        assert any(f"127.0.0.1:{t.split(':')[1]}/metrics" in probe for t in expected[kind])
 
 
 def test_grafana_is_provisioned_from_the_repository(compose: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import promql_parser
 import yaml
 
 from monitoring.grafana import generate
-from monitoring.metrics import defined_metric_names
+from monitoring.metrics import SCRAPE_TIME_NAMES, defined_label_names, defined_metric_names
 from schedules.table import default_schedule_file, load_schedules
 from tests.helpers import ROOT, installed
 from workers.celery_app import JOB_MODULES, load_jobs
@@ -48,6 +48,9 @@ KEY_METRICS = {
 }
 # Prometheus's own series, which the fleet does not define.
 PROMETHEUS_SERIES = {"up"}
+# Labels a scrape attaches to every series: a metric's own label of that name would be
+# renamed exported_job / exported_instance, and every rule grouping by it would be wrong.
+TARGET_LABELS = {"job", "instance"}
 
 
 def _rules(name: str) -> list[dict[str, Any]]:
@@ -164,6 +167,81 @@ def test_every_jobs_key_metrics_are_on_a_dashboard_and_in_an_alert() -> None:
     assert missing == []
 
 
+def test_no_fleet_metric_has_a_label_a_scrape_sets() -> None:
+    labels = defined_label_names()
+    assert {"task", "outcome", "path", "sink"} <= labels
+    assert labels & TARGET_LABELS == set()
+
+
+def _label_uses(expression: str) -> set[tuple[str, str]]:
+    """(series name or "", label) for every label ``expression`` matches, groups or joins
+    on, from its parsed AST ("" for grouping and joining, which apply to any series)."""
+    used: set[tuple[str, str]] = set()
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            for matcher in node.matchers.matchers:
+                used.add((node.name or "", matcher.name))
+        modifier = getattr(node, "modifier", None)
+        for labels in (
+            getattr(modifier, "labels", None),  # by / without
+            getattr(getattr(modifier, "matching", None), "labels", None),  # on / ignoring
+            getattr(modifier, "group_labels", None),  # group_left / group_right
+        ):
+            used.update(("", label) for label in labels or ())
+
+    promql_parser.walk(promql_parser.parse(expression), visit)
+    return used
+
+
+def _target_label_misuses(expression: str) -> list[str]:
+    """Uses of a scrape's labels other than selecting a scrape job's ``up``."""
+    return [
+        f"{name or 'grouping'}: {label}"
+        for name, label in _label_uses(expression)
+        if label in TARGET_LABELS and name not in PROMETHEUS_SERIES
+    ]
+
+
+def test_no_rule_or_dashboard_groups_or_matches_on_a_label_a_scrape_sets() -> None:
+    uses = [(f"rules.yml: {n}", e) for n, es in _recordings().items() for e in es]
+    uses += [(f"alerts.yml: {a['alert']}", str(a["expr"])) for a in _alerts()]
+    uses += list(_dashboard_queries())
+    wrong = [f"{where}: {bad}" for where, e in uses for bad in _target_label_misuses(e)]
+    assert wrong == []
+    for rule in _rules("rules.yml") + _alerts():
+        assert set(rule.get("labels", {})) & TARGET_LABELS == set(), rule
+    # The check itself can fail.
+    assert _target_label_misuses("max by (job) (fleet_job_last_success_timestamp_seconds)")
+    assert _target_label_misuses("a > on (instance) b")
+    assert _target_label_misuses('fleet_task_runs_total{job="drift.detect"}')
+    assert not _target_label_misuses('sum(up{job="fleet-workers"})')
+
+
+def _scrape_jobs() -> set[str]:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    return {scrape["job_name"] for scrape in config["scrape_configs"]}
+
+
+def test_promtool_input_series_are_shaped_like_a_scrape() -> None:
+    """Each input series carries the scrape's job and instance, as Prometheus stores it, and
+    fleet-wide gauges come from the exporter's scrape job (per-process ones never do)."""
+    document = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())
+    jobs = _scrape_jobs()
+    series = [s["series"] for case in document["tests"] for s in case["input_series"]]
+    assert len(series) > 30
+    for text in series:
+        selector = promql_parser.parse(text)
+        assert isinstance(selector, promql_parser.VectorSelector), text
+        labels = {m.name: m.value for m in selector.matchers.matchers}
+        assert not any(name.startswith("exported_") for name in labels), text
+        assert labels.get("job") in jobs and labels.get("instance"), text
+        if selector.name in SCRAPE_TIME_NAMES:
+            assert labels["job"] == "fleet-exporter", text
+        elif selector.name != "up":
+            assert labels["job"] != "fleet-exporter", text
+
+
 def test_every_alert_has_severity_summary_description_and_a_runbook_section() -> None:
     sections = {
         line[3:].strip().lower()
@@ -222,7 +300,7 @@ def test_the_dead_mans_switch_knows_every_scheduled_job_and_its_interval() -> No
         if rule.get("record") == "fleet:job_expected_interval_seconds":
             value = re.fullmatch(r"vector\((\d+)\)", str(rule["expr"]).strip())
             assert value, rule
-            configured[rule["labels"]["job"]] = float(value.group(1))
+            configured[rule["labels"]["task"]] = float(value.group(1))
     assert configured == _expected_intervals()
 
 
@@ -291,7 +369,7 @@ def test_prometheus_config_is_valid_and_loads_the_rules(tmp_path: Path) -> None:
     files = [Path(path).name for path in config["rule_files"]]
     assert files == ["rules.yml", "alerts.yml"]
     jobs = {scrape["job_name"] for scrape in config["scrape_configs"]}
-    assert jobs == {"fleet-workers", "fleet-schedulers"}
+    assert jobs == {"fleet-workers", "fleet-schedulers", "fleet-exporter"}
     for alert in _alerts():
         for job in re.findall(r'up\{job="([^"]+)"\}', str(alert["expr"])):
             assert job in jobs, alert["alert"]

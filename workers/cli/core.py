@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 import click
@@ -109,12 +111,11 @@ def worker(
     rt.require_migrated()
 
     from monitoring.exporter import build_registry, record_build_info, serve_metrics
-    from workers.backlog import read_backlog
     from workers.celery_app import create_app
     from workers.logs import get_logger
 
     app = create_app(rt)
-    bound = serve_metrics(port, build_registry(lambda: read_backlog(rt.redis)))
+    bound = serve_metrics(port, build_registry())
     record_build_info("worker")
     node = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
     get_logger("fleet.worker").info(
@@ -197,6 +198,42 @@ def _one_line(value: Any) -> str:
     return str(value)
 
 
+@click.command()
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Port for /metrics (default: FLEET_METRICS_PORT + 2).",
+)
+def exporter(metrics_port: int | None) -> None:
+    """Serve the fleet-wide metrics: open drift findings, secret statuses, audit backlog,
+    canary deployments, each job's last success, queue depths. They are read from the
+    database and Redis at every scrape, so run one exporter per fleet (workers and
+    schedulers serve only what they count themselves)."""
+    settings = settings_or_exit()
+    rt = start_runtime(settings)
+    rt.require_migrated()
+
+    from monitoring.exporter import (
+        build_registry,
+        fleet_collectors,
+        record_build_info,
+        serve_metrics,
+    )
+    from workers.logs import get_logger
+
+    port = settings.metrics_port + 2 if metrics_port is None else metrics_port
+    bound = serve_metrics(port, build_registry(fleet_collectors(rt)))
+    record_build_info("exporter")
+    log = get_logger("fleet.exporter")
+    log.info("exporter_started", metrics=f"http://127.0.0.1:{bound}/metrics")
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    log.info("exporter_stopped")
+    rt.close()
+
+
 def register(group: click.Group) -> None:
-    for command in (migrate, worker, enqueue, run_job):
+    for command in (migrate, worker, exporter, enqueue, run_job):
         group.add_command(command)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     func,
     text,
@@ -468,3 +469,26 @@ class CanaryAnalysis(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_canary_analyses_deployment", "deployment_id", "at"),)
+
+
+class FleetHealth(Base):
+    """What a job last found about a part of the fleet that no table of its own records:
+    whether the secret store answered, whether an audit sink took its batch, when drift
+    detection last covered an environment. Read at scrape time by ``fleet exporter``, so
+    the value is the same whichever process serves it."""
+
+    __tablename__ = "fleet_health"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    detail: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The audit tables the fleet ships, by source name.
+AUDIT_SOURCE_TABLES: dict[str, Table] = {
+    "configuration_audit_log": ConfigurationAuditLog.__table__,  # type: ignore[dict-item]
+    "feature_flag_audit_log": FeatureFlagAuditLog.__table__,  # type: ignore[dict-item]
+    "fleet_audit_log": FleetAuditLog.__table__,  # type: ignore[dict-item]
+}
