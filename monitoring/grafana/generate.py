@@ -2,47 +2,54 @@
 
     python -m monitoring.grafana.generate      # rewrite the JSON files
 
-A test checks that the committed files are what this writes, and that every metric their
-queries use is one the fleet defines.
+The dashboards are built with Grafana's typed builders (grafana-foundation-sdk, the flavour
+for the Grafana version docker-compose.yml runs), which lay the panels out on the grid and
+write the fields Grafana itself writes. A test checks that the committed files are what this
+writes, and that every metric their queries use is one the fleet defines.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+from grafana_foundation_sdk.builders import dashboard, prometheus
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import stat
+from grafana_foundation_sdk.models.common import BigValueColorMode, ReduceDataOptions
+from grafana_foundation_sdk.models.dashboard import DataSourceRef
+
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")
 DIRECTORY = Path(__file__).resolve().parent / "dashboards"
+STAT_OPTIONS = stat.Options(
+    color_mode=BigValueColorMode.BACKGROUND,
+    reduce_options=ReduceDataOptions(calcs=["lastNotNull"]),
+)
 
 
 class Board:
     def __init__(self, uid: str, title: str, description: str) -> None:
-        self.uid, self.title, self.description = uid, title, description
-        self.panels: list[dict[str, Any]] = []
-        self.y = 0
-        self.x = 0
+        self.uid, self.ids = uid, 0
+        self.dashboard = (
+            dashboard.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(["config-fleet"])
+            .timezone("utc")
+            .editable()
+            .refresh("30s")
+            .time("now-6h", "now")
+            .version(1)
+            .annotations([])
+            .variables([])
+        )
 
-    def _place(self, width: int, height: int) -> dict[str, int]:
-        if self.x + width > 24:
-            self.x, self.y = 0, self.y + height
-        spot = {"x": self.x, "y": self.y, "w": width, "h": height}
-        self.x += width
-        return spot
+    def _id(self) -> int:
+        self.ids += 1
+        return self.ids
 
     def row(self, title: str) -> Board:
-        self.x, self.y = 0, self.y + 8
-        self.panels.append(
-            {
-                "type": "row",
-                "title": title,
-                "collapsed": False,
-                "id": len(self.panels) + 1,
-                "gridPos": {"x": 0, "y": self.y, "w": 24, "h": 1},
-                "panels": [],
-            }
-        )
-        self.y += 1
+        self.dashboard.with_row(dashboard.Row(title).id(self._id()))
         return self
 
     def add(
@@ -56,48 +63,24 @@ class Board:
         unit: str = "short",
         description: str = "",
     ) -> Board:
-        panel: dict[str, Any] = {
-            "id": len(self.panels) + 1,
-            "type": kind,
-            "title": title,
-            "description": description,
-            "datasource": DATASOURCE,
-            "gridPos": self._place(width, height),
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [
-                {
-                    "refId": chr(65 + i),
-                    "datasource": DATASOURCE,
-                    "expr": expr,
-                    "legendFormat": legend,
-                }
-                for i, (expr, legend) in enumerate(targets)
-            ],
-        }
+        panel = (
+            dashboard.Panel()
+            .type(kind)
+            .id(self._id())
+            .title(title)
+            .description(description)
+            .datasource(DATASOURCE)
+            .span(width)
+            .height(height)
+            .unit(unit)
+        )
+        for i, (expr, legend) in enumerate(targets):
+            query = prometheus.Dataquery().ref_id(chr(65 + i)).datasource(DATASOURCE)
+            panel.with_target(query.expr(expr).legend_format(legend))
         if kind == "stat":
-            panel["options"] = {
-                "reduceOptions": {"calcs": ["lastNotNull"]},
-                "colorMode": "background",
-            }
-        self.panels.append(panel)
+            panel.options(STAT_OPTIONS)
+        self.dashboard.with_panel(panel)
         return self
-
-    def json(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "title": self.title,
-            "description": self.description,
-            "tags": ["config-fleet"],
-            "timezone": "utc",
-            "schemaVersion": 39,
-            "version": 1,
-            "editable": True,
-            "refresh": "30s",
-            "time": {"from": "now-6h", "to": "now"},
-            "templating": {"list": []},
-            "annotations": {"list": []},
-            "panels": self.panels,
-        }
 
 
 def overview() -> Board:
@@ -106,14 +89,16 @@ def overview() -> Board:
         "config-fleet: overview",
         "The health of every job at a glance, queues, task outcomes and durations.",
     )
-    board.add("stat", "Workers up", [('sum(up{job="fleet-workers"})', "")], width=6, height=4)
-    board.add("stat", "Schedulers up", [('sum(up{job="fleet-schedulers"})', "")], width=6, height=4)
-    board.add("stat", "Broker up", [("min(fleet_broker_up)", "")], width=6, height=4)
+    board.add("stat", "Workers up", [('sum(up{job="fleet-workers"})', "")], width=4, height=4)
+    board.add("stat", "Schedulers up", [('sum(up{job="fleet-schedulers"})', "")], width=4, height=4)
+    board.add("stat", "Exporter up", [('sum(up{job="fleet-exporter"})', "")], width=4, height=4)
+    board.add("stat", "Broker up", [("min(fleet_broker_up)", "")], width=4, height=4)
+    board.add("stat", "Database up", [("min(fleet_database_up)", "")], width=4, height=4)
     board.add(
         "stat",
         "Build",
         [("count by (version) (fleet_build_info)", "{{version}}")],
-        width=6,
+        width=4,
         height=4,
     )
     board.row("Jobs")
@@ -393,9 +378,9 @@ BOARDS = (overview, secrets, impressions, drift, canary, audit)
 
 
 def rendered() -> dict[str, str]:
-    boards = [make() for make in BOARDS]
+    boards = [make().dashboard.build() for make in BOARDS]
     return {
-        f"{board.uid}.json": json.dumps(board.json(), indent=2, sort_keys=True) + "\n"
+        f"{board.uid}.json": json.dumps(board, cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
         for board in boards
     }
 
