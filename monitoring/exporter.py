@@ -1,7 +1,7 @@
 """The ``/metrics`` endpoint of every fleet process (see :mod:`monitoring.multiprocess`).
 
 Workers and schedulers serve what they count themselves. ``fleet exporter`` serves, once
-for the whole fleet, what Redis and the database hold (:func:`fleet_collectors`).
+for the whole fleet, what Redis and the database hold (:func:`build_fleet_registry`).
 """
 
 from __future__ import annotations
@@ -62,15 +62,25 @@ class LiveMultiProcessCollector(MultiProcessCollector):
         return super().collect()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def build_registry(collectors: Iterable[Collector] = ()) -> Any:
-    """The registry this process serves: multiprocess-aware when the directory is set."""
+def build_registry() -> Any:
+    """The registry a worker or scheduler serves: what it counts, multiprocess-aware when
+    the directory is set."""
     registry = CollectorRegistry()
     directory = os.environ.get(MULTIPROC_ENV)
     if directory:
         LiveMultiProcessCollector(registry, directory)
     else:
         registry.register(REGISTRY)
-    for collector in collectors:
+    return registry
+
+
+def build_fleet_registry(rt: Runtime) -> Any:
+    """The registry ``fleet exporter`` serves: the fleet-wide state and its build, and none
+    of the per-process counters (it counts nothing; zeros of its own would only add noise
+    to every sum)."""
+    registry = CollectorRegistry()
+    registry.register(BUILD_INFO)
+    for collector in fleet_collectors(rt):
         registry.register(collector)
     return registry
 

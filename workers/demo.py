@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import click
+import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from sqlalchemy import select
 
+from monitoring.prometheus_process import PrometheusProcess
 from workers.cli.common import FleetCliError, start_runtime
 from workers.cli.common import console as wide_console
 from workers.db.models import TaskRun
@@ -66,7 +68,7 @@ class DemoAct(Protocol):
 
     name: str
     expected_successes: ClassVar[dict[str, int]]
-    metrics: ClassVar[tuple[str, ...]]  # prefixes of the worker metrics to show at the end
+    metrics: ClassVar[tuple[str, ...]]  # prefixes of the metrics to show at the end
 
     def prepare(self, rt: Runtime, now: datetime) -> str: ...
     def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None: ...
@@ -246,30 +248,39 @@ def _run_acts(rt: Any, home: Path, duration: float, console: Console, acts: list
         console.print(act.prepare(rt, datetime.now(UTC)))
         env.update(getattr(act, "env", {}))  # services an act started for the fleet to use
     fleet = DemoFleet(home, env)
-    worker_port, scheduler_port = free_port(), free_port()
+    ports = {kind: free_port() for kind in ("worker", "scheduler", "exporter")}
     demo_schedule = Path(str(resources.files("schedules").joinpath("demo.yaml")))
-    fleet.spawn("worker", "worker", "-c", "1", "--metrics-port", str(worker_port))
+    fleet.spawn("worker", "worker", "-c", "1", "--metrics-port", str(ports["worker"]))
     fleet.spawn(
         "scheduler",
         "scheduler",
         "--schedule-file",
         str(demo_schedule),
         "--metrics-port",
-        str(scheduler_port),
+        str(ports["scheduler"]),
     )
+    fleet.spawn("exporter", "exporter", "--metrics-port", str(ports["exporter"]))
     console.print(
-        f"metrics: worker http://127.0.0.1:{worker_port}/metrics, "
-        f"scheduler http://127.0.0.1:{scheduler_port}/metrics; logs in {home / 'logs'}"
+        "metrics: "
+        + ", ".join(f"{kind} http://127.0.0.1:{port}/metrics" for kind, port in ports.items())
+        + f"; logs in {home / 'logs'}"
     )
+    alerting = start_alerting(home, ports)
+    console.print(alerting.said)
     try:
         runs = _watch(rt, fleet, acts, duration, console)
         shown = ("fleet_task_runs_total", *(m for act in acts for m in act.metrics))
-        counts = _scrape(worker_port, shown)
+        counts = {kind: _scrape(ports[kind], shown) for kind in ("worker", "exporter")}
+        held = alerting.held()
     finally:
         fleet.stop()
-    console.print("worker metrics at the end:")
-    for line in counts:
-        console.print(f"  {line}")
+        alerting.close()
+    for kind, lines in counts.items():
+        console.print(f"{kind} metrics at the end:")
+        for line in lines:
+            console.print(f"  {line}")
+    for line in held:
+        console.print(line)
     for act in acts:
         console.print(act.status(rt))
     missing = _missing_successes(runs, acts) + [p for act in acts for p in act.problems(rt)]
@@ -313,6 +324,72 @@ def _watch(
                 break
             time.sleep(0.5)
     return runs
+
+
+@dataclass
+class Alerting:
+    """The demo's fleet scraped by a Prometheus of its own, loaded with the shipped rules
+    and alerts (where Debian's prometheus is installed), to show the alerts it holds."""
+
+    said: str
+    prometheus: PrometheusProcess | None = None
+
+    def held(self, settle: float = 15.0) -> list[str]:
+        """The alerts Prometheus holds, once it has evaluated the exporter's series."""
+        if self.prometheus is None:
+            return []
+        deadline = time.monotonic() + settle
+        try:
+            while time.monotonic() < deadline:
+                if self.prometheus.query("fleet:job_seconds_since_success"):
+                    time.sleep(1.5)  # one more evaluation of every group after that scrape
+                    break
+                time.sleep(0.5)
+            alerts = self.prometheus.alerts()
+        except (httpx.HTTPError, ValueError) as exc:
+            return [f"alerts: could not read them from {self.prometheus.url}: {exc}"]
+        lines = [f"alerts: Prometheus at {self.prometheus.url} holds {len(alerts)}"]
+        for alert in sorted(alerts, key=lambda a: (a["labels"]["alertname"], str(a["labels"]))):
+            labels = alert["labels"]
+            extra = ", ".join(
+                f"{k}={v}" for k, v in sorted(labels.items()) if k not in ("alertname", "severity")
+            )
+            lines.append(
+                f"  {labels['alertname']} ({labels.get('severity', '-')}, {alert['state']})"
+                f"{': ' + extra if extra else ''}: {alert['annotations'].get('summary', '')}"
+            )
+        return lines
+
+    def close(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+
+def start_alerting(home: Path, ports: dict[str, int]) -> Alerting:
+    binary = shutil.which("prometheus")
+    rules = resources.files("monitoring").joinpath("prometheus")
+    files = [Path(str(rules.joinpath(name))) for name in ("rules.yml", "alerts.yml")]
+    if binary is None or not all(path.is_file() for path in files):
+        return Alerting("alerts: skipped, no prometheus installed (apt-get install prometheus)")
+    jobs = {
+        "fleet-workers": "worker",
+        "fleet-schedulers": "scheduler",
+        "fleet-exporter": "exporter",
+    }
+    scrape = [
+        {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{ports[kind]}"]}]}
+        for job, kind in jobs.items()
+    ]
+    prometheus = PrometheusProcess(binary, home / "alerting", scrape, free_port(), files)
+    if not prometheus.wait_ready():
+        tail = prometheus.tail()
+        prometheus.close()
+        return Alerting(f"alerts: skipped, the demo's prometheus did not start: {tail}")
+    return Alerting(
+        f"alerts: Prometheus at {prometheus.url} scrapes the fleet with the shipped rules and "
+        "alerts (monitoring/prometheus/); the alerts it holds are shown at the end",
+        prometheus,
+    )
 
 
 def register(group: click.Group) -> None:

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 from sqlalchemy import func, select
 
+from monitoring.prometheus_process import PrometheusProcess
 from tasks.canary import create_deployment
 from tasks.canary.spec import CanarySpec
 from workers.db.models import CanaryDeployment, TaskRun
@@ -80,58 +77,6 @@ def latency_exposition(center: Callable[[], float], seed: int) -> Callable[[], s
     return render
 
 
-class _Prometheus:
-    """Debian's prometheus, scraping ``jobs`` every second; its data in ``home``."""
-
-    def __init__(self, binary: str, home: Path, address: str, jobs: list[str], port: int):
-        home.mkdir(parents=True, exist_ok=True)
-        config = home / "prometheus.yml"
-        lines = ["global:", "  scrape_interval: 1s", "scrape_configs:"]
-        for name in jobs:
-            lines += [
-                f"  - job_name: {name}",
-                f"    metrics_path: /{name}",
-                "    static_configs:",
-                f"      - targets: ['{address}']",
-            ]
-        config.write_text("\n".join(lines) + "\n")
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = home / "prometheus.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={home / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--log.level=warn",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def wait_ready(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        return False
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 def latency_canary(name: str, job: str, key: str, value: Any, **analysis: Any) -> CanarySpec:
     """A production change judged on ``app_latency_seconds`` of scrape job ``job`` against
     the ``baseline`` job. By default at the demo's pace: judged every run, over the last
@@ -173,7 +118,7 @@ class CanaryAct:
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self.binary = which("prometheus")
         self.env: dict[str, str] = {}
-        self.own: _Prometheus | None = None
+        self.own: PrometheusProcess | None = None
         self.apps: ExpositionServer | None = None
         self.judged_by: str | None = None
 
@@ -195,15 +140,19 @@ class CanaryAct:
                 for seed, (job, seconds) in enumerate(latencies.items())
             }
         )
-        self.own = _Prometheus(
-            self.binary,
-            rt.settings.home / "prometheus",
-            self.apps.address,
-            list(latencies),
-            free_port(),
+        scrape = [
+            {
+                "job_name": job,
+                "metrics_path": f"/{job}",
+                "static_configs": [{"targets": [self.apps.address]}],
+            }
+            for job in latencies
+        ]
+        self.own = PrometheusProcess(
+            self.binary, rt.settings.home / "prometheus", scrape, free_port()
         )
         if not self.own.wait_ready():
-            tail = self.own.log.read_text(errors="replace")[-300:]
+            tail = self.own.tail()
             self.close()
             return f"canary: analysis skipped, the demo's prometheus did not start: {tail}"
         self.judged_by = self.own.url

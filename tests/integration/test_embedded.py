@@ -85,13 +85,21 @@ def test_fleet_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "demo ok" in done.stdout
-    assert 'fleet_task_runs_total{job="fleet.heartbeat",outcome="success"}' in done.stdout
+    assert 'fleet_task_runs_total{outcome="success",task="fleet.heartbeat"}' in done.stdout
+    assert "exporter metrics at the end:" in done.stdout
     assert (tmp_path / ".fleet" / "demo" / "fleet.db").exists()
     assert not (tmp_path / ".fleet" / "demo" / "redis" / "redis.sock").exists()  # stopped
     # Canaries judged by the demo's own Prometheus: one promoted, one rolled back.
     prometheus_binary()
     assert "openai-timeout-10=rolled_back, pool-size-30=promoted" in done.stdout
     assert 'fleet_canary_decisions_total{decision="promote"} 1.0' in done.stdout
+    assert 'fleet_canary_deployments{state="promoted"} 1.0' in done.stdout  # the exporter's
+    # The alerts the demo's Prometheus holds, from the shipped rules: its overdue secret and
+    # its production drift (pending: their `for` is longer than the demo).
+    held = re.search(r"alerts: Prometheus at \S+ holds (\d+)", done.stdout)
+    assert held is not None and int(held.group(1)) >= 2, done.stdout[-3000:]
+    assert re.search(r"FleetSecretRotationOverdue \(critical, (pending|firing)\)", done.stdout)
+    assert re.search(r"FleetProductionDriftCritical \(critical, (pending|firing)\)", done.stdout)
     url = re.search(r"prometheus at (http://127\.0\.0\.1:\d+)", done.stdout)
     assert url is not None
     with pytest.raises(httpx.TransportError):  # and stopped with the demo

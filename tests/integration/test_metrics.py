@@ -101,6 +101,8 @@ def test_worker_metrics_after_known_work(
     assert value(fleet, "fleet_queue_depth", queue="default") == 0
     assert value(fleet, "fleet_broker_up") == 1 and value(fleet, "fleet_database_up") == 1
     assert value(fleet, "fleet_task_runs_total", task="fleet.heartbeat", outcome="success") is None
+    assert value(fleet, "fleet_impressions_processed_total") is None  # counted by workers only
+    assert next(k for k in fleet if k[0] == "fleet_build_info")[1] >= {("process", "exporter")}
 
 
 def test_scheduler_metrics_count_its_fires(

@@ -213,16 +213,11 @@ def exporter(metrics_port: int | None) -> None:
     rt = start_runtime(settings)
     rt.require_migrated()
 
-    from monitoring.exporter import (
-        build_registry,
-        fleet_collectors,
-        record_build_info,
-        serve_metrics,
-    )
+    from monitoring.exporter import build_fleet_registry, record_build_info, serve_metrics
     from workers.logs import get_logger
 
     port = settings.metrics_port + 2 if metrics_port is None else metrics_port
-    bound = serve_metrics(port, build_registry(fleet_collectors(rt)))
+    bound = serve_metrics(port, build_fleet_registry(rt))
     record_build_info("exporter")
     log = get_logger("fleet.exporter")
     log.info("exporter_started", metrics=f"http://127.0.0.1:{bound}/metrics")
