@@ -163,3 +163,16 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., FleetProcess]]:
     yield start
     for process in started:
         process.stop(timeout=10)
+
+
+# OpenBao -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[Any]:
+    """A real Vault-API server (OpenBao dev mode) for the whole session: see
+    tests/openbao_server.py."""
+    from tests.openbao_server import openbao_server
+
+    with openbao_server() as server:
+        yield server

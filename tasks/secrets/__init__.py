@@ -9,6 +9,7 @@ paths, versions, dates and statuses only.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +25,13 @@ from tasks.secrets.model import (
     rotation_status,
 )
 from tasks.secrets.rotate import ROTATORS, STAGING, PostgresRotator
-from tasks.secrets.stores import SecretStore, SqlStore, StoreUnavailable, open_store
+from tasks.secrets.stores import (
+    SecretNotFound,
+    SecretStore,
+    SqlStore,
+    StoreUnavailable,
+    open_store,
+)
 from workers import audit
 from workers.db.models import SecretRotationStatus
 from workers.fleetstate import SECRET_STORE, record_health
@@ -47,8 +54,21 @@ def all_metadata(store: SecretStore) -> list[SecretMetadata]:
     else:
         paths = store.list_paths()
         with ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="vault") as pool:
-            metas = list(pool.map(store.metadata, paths))
+            metas = [m for m in pool.map(_metadata_if_there(store), paths) if m is not None]
     return [m for m in metas if not m.path.startswith(STAGING)]
+
+
+def _metadata_if_there(store: SecretStore) -> Callable[[str], SecretMetadata | None]:
+    """A secret deleted between the listing and the read is simply gone (not a store
+    failure that would hide every other secret's status)."""
+
+    def read(path: str) -> SecretMetadata | None:
+        try:
+            return store.metadata(path)
+        except SecretNotFound:
+            return None
+
+    return read
 
 
 def statuses(

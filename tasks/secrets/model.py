@@ -150,11 +150,16 @@ class Status:
 def rotation_status(meta: SecretMetadata, rules: Sequence[PolicyRule], now: datetime) -> Status:
     """Age, due date and status of the secret's current version. Never raises."""
     current = meta.current
-    if current is None or current.deletion_time is not None or current.destroyed:
+    if meta.current_version == 0 or current is None:
+        reason = "no version (metadata only)" if meta.current_version == 0 else "no current version"
+        return Status(meta.path, "error", reason=reason, version=meta.current_version)
+    # KV v2's delete_version_after gives every version a deletion time in the future: the
+    # version is current and readable until then.
+    if current.destroyed or (current.deletion_time is not None and current.deletion_time <= now):
         return Status(
             meta.path,
             "error",
-            reason="the current version is missing or deleted",
+            reason="the current version is deleted or destroyed",
             version=meta.current_version,
         )
     age = now - current.created_time
@@ -181,9 +186,16 @@ def rotation_status(meta: SecretMetadata, rules: Sequence[PolicyRule], now: date
     due = current.created_time + timedelta(days=policy.interval_days)
     notify = due - timedelta(days=policy.notify_days)
     status = "overdue" if now >= due else "due_soon" if now >= notify else "ok"
+    deleted = current.deletion_time
     return Status(
         meta.path,
         status,
+        reason=(
+            f"the current version will be deleted at {deleted.isoformat()} "
+            f"(delete_version_after), before its rotation is due at {due.isoformat()}"
+            if deleted is not None and deleted < due
+            else None
+        ),
         version=current.version,
         version_created=current.created_time,
         age=age,

@@ -7,8 +7,9 @@
   SQLite.
 
 Paths are relative to the managed prefix. Errors are :class:`StoreUnavailable` (cannot be
-reached, sealed, refusing: worth retrying later), :class:`SecretNotFound` and
-:class:`CasMismatch`. No error message ever contains a value.
+reached, sealed, refusing: worth retrying later), :class:`StoreRefused` (an invalid
+request: never retried), :class:`SecretNotFound` and :class:`CasMismatch`. No error message
+ever contains a value.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
@@ -30,7 +33,7 @@ from sqlalchemy.orm import Session
 from tasks.secrets.model import SecretMetadata, VersionInfo
 from workers.db.models import FleetSecret, FleetSecretVersion
 from workers.errors import FleetError
-from workers.jobs import TransientError
+from workers.jobs import PermanentError, TransientError
 from workers.logs import register_secret
 from workers.settings import FleetSettings
 
@@ -45,6 +48,12 @@ class SecretNotFound(FleetError):
 
 class CasMismatch(FleetError):
     """Check-and-set failed: the secret changed since it was read."""
+
+
+class StoreRefused(PermanentError):
+    """The store refused the request as invalid (Vault's 400: a metadata limit, a bad
+    parameter): retrying cannot help. The message is the server's, which names fields,
+    never values."""
 
 
 class SecretStore(Protocol):
@@ -71,6 +80,9 @@ class SecretStore(Protocol):
         """Remove the secret and all its versions (used for rotation staging entries)."""
 
 
+T = TypeVar("T")
+
+
 def _register(data: Mapping[str, Any]) -> dict[str, str]:
     values = {str(k): str(v) for k, v in data.items()}
     for value in values.values():
@@ -80,6 +92,11 @@ def _register(data: Mapping[str, Any]) -> dict[str, str]:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _deleted(deletion_time: datetime | None) -> bool:
+    """KV v2 semantics: a version with a deletion time still to come is readable."""
+    return deletion_time is not None and deletion_time <= _now()
 
 
 # The embedded store -------------------------------------------------------------------
@@ -181,7 +198,7 @@ class SqlStore:
             if secret is None:
                 raise SecretNotFound(f"no secret at {path}")
             row = session.get(FleetSecretVersion, (secret.path, version or secret.current_version))
-        if row is None or row.destroyed or row.deletion_time is not None:
+        if row is None or row.destroyed or _deleted(row.deletion_time):
             raise SecretNotFound(f"{path}: version {version or secret.current_version} is gone")
         try:
             data = orjson.loads(self._fernet.decrypt(row.ciphertext.encode()))
@@ -260,24 +277,39 @@ class SqlStore:
 
 
 class VaultStore:
-    """KV v2 through hvac. One hvac client per thread (its HTTP session is not shared)."""
+    """KV v2 through hvac. One hvac client per thread (its HTTP session is not shared).
+
+    The token is kept alive for a long-running worker: a renewable token is renewed
+    (renew-self) once half its TTL has passed; a token file is read again when it changes
+    (Vault Agent rewrites it); a token that worked and is then refused (403: expired or
+    revoked) makes an AppRole login again, or the token file be read again, once, before
+    the error is reported. Every write uses check-and-set, so mounts with ``cas_required``
+    work and a concurrent change is a :class:`CasMismatch`, never silently overwritten.
+    """
 
     name = "vault"
 
-    def __init__(self, settings: FleetSettings) -> None:
+    def __init__(
+        self, settings: FleetSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         assert settings.vault_addr is not None
         self._settings = settings
         self._mount = settings.vault_mount
         self._prefix = settings.vault_path_prefix.strip("/")
+        self._clock = clock
         self._local = threading.local()
 
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self._connect()
-        return client
+    # The token's lifecycle ------------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _client(self) -> Any:
+        session: _Session | None = getattr(self._local, "session", None)
+        if session is None or session.file_changed(self._settings.vault_token_file):
+            session = self._local.session = self._connect()
+        elif session.renew_due(self._clock()):
+            self._renew(session)
+        return session.client
+
+    def _connect(self) -> _Session:
         import hvac
 
         settings = self._settings
@@ -293,60 +325,104 @@ class VaultStore:
             verify=verify,
             timeout=settings.vault_timeout,
         )
+        session = _Session(client, _file_stamp(settings.vault_token_file))
         if settings.vault_role_id and settings.vault_secret_id is not None:
             with self._errors("AppRole login"):
-                client.auth.approle.login(
+                answer = client.auth.approle.login(
                     role_id=settings.vault_role_id,
                     secret_id=settings.vault_secret_id.get_secret_value(),
                 )
             register_secret(client.token)
-        return client
+            auth = answer.get("auth") or {}
+            session.lease(auth.get("lease_duration"), auth.get("renewable"), self._clock())
+        elif client.token:
+            register_secret(client.token)
+            with contextlib.suppress(StoreUnavailable, SecretNotFound):
+                with self._errors("token lookup"):
+                    data = client.auth.token.lookup_self()["data"]
+                session.lease(data.get("ttl"), data.get("renewable"), self._clock())
+        return session
 
-    def _full(self, path: str) -> str:
-        return f"{self._prefix}/{path}" if self._prefix else path
+    def _renew(self, session: _Session) -> None:
+        """Renew the token; a failure is left for the next request to meet (and report)."""
+        try:
+            with self._errors("token renewal"):
+                auth = session.client.auth.token.renew_self()["auth"]
+        except (StoreUnavailable, SecretNotFound, StoreRefused):
+            session.renew_at = None  # do not try again before the token is replaced
+            return
+        session.lease(auth.get("lease_duration"), auth.get("renewable"), self._clock())
 
-    @staticmethod
+    def _call(self, what: str, operation: Callable[[Any], T]) -> T:
+        """``operation(client)`` with errors mapped; a refused token that had worked is
+        replaced once (AppRole login again, or the token file read again)."""
+        import hvac.exceptions as vault_errors
+
+        session_before = getattr(self._local, "session", None)
+        client = self._client()
+        try:
+            with self._errors(what, reraise=(vault_errors.Forbidden,)):
+                return operation(client)
+        except vault_errors.Forbidden:
+            replaceable = self._settings.vault_role_id or self._settings.vault_token_file
+            if not replaceable or session_before is None or not session_before.worked:
+                raise StoreUnavailable(f"vault: {what}: permission denied (403)") from None
+        self._local.session = None  # log in again, or read the token file again
+        with self._errors(what):
+            return operation(self._client())
+
     @contextlib.contextmanager
-    def _errors(what: str) -> Iterator[None]:
+    def _errors(self, what: str, reraise: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         """hvac and network errors as the store's errors, never with a value in them."""
         import hvac.exceptions as vault_errors
         import requests
 
         try:
             yield
+        except reraise:
+            raise
         except vault_errors.InvalidPath:
             raise SecretNotFound(f"vault: {what}: not found") from None
         except vault_errors.InvalidRequest as exc:
-            if "check-and-set" in str(exc):
+            reason = "; ".join(str(e) for e in (getattr(exc, "errors", None) or [])) or "400"
+            if "check-and-set parameter did not match" in reason:
                 raise CasMismatch(f"vault: {what}: check-and-set did not match") from None
-            raise StoreUnavailable(f"vault: {what}: invalid request (400)") from None
+            raise StoreRefused(f"vault: {what}: refused (400): {reason}") from None
         except vault_errors.Forbidden:
             raise StoreUnavailable(f"vault: {what}: permission denied (403)") from None
         except vault_errors.VaultDown:
             raise StoreUnavailable(f"vault: {what}: Vault is sealed (503)") from None
         except (vault_errors.VaultError, requests.RequestException) as exc:
             raise StoreUnavailable(f"vault: {what}: {type(exc).__name__}") from None
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.worked = True
+
+    # KV v2 -------------------------------------------------------------------------------
+
+    def _full(self, path: str) -> str:
+        return f"{self._prefix}/{path}" if self._prefix else path
 
     def health(self) -> None:
-        with self._errors("health"):
-            status = self._client().sys.read_health_status(method="GET")
+        status = self._call("health", lambda c: c.sys.read_health_status(method="GET"))
         body = status if isinstance(status, dict) else status.json()
         if body.get("sealed"):
             raise StoreUnavailable("vault: Vault is sealed")
-        with self._errors("token"):
-            self._client().auth.token.lookup_self()
+        self._call("token", lambda c: c.auth.token.lookup_self())
 
     def list_paths(self) -> list[str]:
         found: list[str] = []
         pending = [""]
-        client = self._client()
         while pending:
             directory = pending.pop()
+            full = self._full(directory)
+
+            def listing(client: Any, full: str = full) -> list[str]:
+                answer = client.secrets.kv.v2.list_secrets(path=full, mount_point=self._mount)
+                return list(answer["data"]["keys"])
+
             try:
-                with self._errors(f"list {directory or '/'}"):
-                    keys = client.secrets.kv.v2.list_secrets(
-                        path=self._full(directory), mount_point=self._mount
-                    )["data"]["keys"]
+                keys = self._call(f"list {directory or '/'}", listing)
             except SecretNotFound:
                 continue  # an empty directory: Vault answers 404
             for key in keys:
@@ -354,10 +430,14 @@ class VaultStore:
         return sorted(found)
 
     def metadata(self, path: str) -> SecretMetadata:
-        with self._errors(f"metadata {path}"):
-            data = self._client().secrets.kv.v2.read_secret_metadata(
+        """A key with metadata and no version (``current_version`` 0, what custom metadata
+        set before any write creates) has no current version: its status says so."""
+        data = self._call(
+            f"metadata {path}",
+            lambda c: c.secrets.kv.v2.read_secret_metadata(
                 path=self._full(path), mount_point=self._mount
-            )["data"]
+            )["data"],
+        )
         versions = {
             int(number): VersionInfo(
                 int(number),
@@ -369,43 +449,86 @@ class VaultStore:
         }
         return SecretMetadata(
             path=path,
-            current_version=int(data["current_version"]),
+            current_version=int(data.get("current_version") or 0),
             versions=versions,
             custom_metadata=dict(data.get("custom_metadata") or {}),
         )
 
     def read(self, path: str, version: int | None = None) -> dict[str, str]:
-        with self._errors(f"read {path}"):
-            response = self._client().secrets.kv.v2.read_secret_version(
+        response = self._call(
+            f"read {path}",
+            lambda c: c.secrets.kv.v2.read_secret_version(
                 path=self._full(path),
                 version=version,
                 mount_point=self._mount,
                 raise_on_deleted_version=True,
-            )
+            ),
+        )
         return _register(response["data"]["data"])
 
     def write(self, path: str, data: Mapping[str, str], cas: int | None = None) -> int:
+        """Always check-and-set: with no ``cas``, against the version read just before."""
         for value in data.values():
             register_secret(str(value))
-        with self._errors(f"write {path}"):
-            response = self._client().secrets.kv.v2.create_or_update_secret(
+        if cas is None:
+            try:
+                cas = self.metadata(path).current_version
+            except SecretNotFound:
+                cas = 0
+        response = self._call(
+            f"write {path}",
+            lambda c: c.secrets.kv.v2.create_or_update_secret(
                 path=self._full(path), secret=dict(data), cas=cas, mount_point=self._mount
-            )
+            ),
+        )
         return int(response["data"]["version"])
 
     def set_custom_metadata(self, path: str, custom: Mapping[str, str]) -> None:
-        with self._errors(f"metadata {path}"):
-            self._client().secrets.kv.v2.update_metadata(
-                path=self._full(path),
-                custom_metadata={str(k): str(v) for k, v in custom.items()},
-                mount_point=self._mount,
-            )
+        """Only ``custom_metadata`` is sent: hvac's update_metadata would also send
+        ``delete_version_after=0s`` (and so reset an operator's setting); the API leaves
+        the fields it is not given as they are."""
+        url = f"/v1/{self._mount}/metadata/{self._full(path)}"
+        body = {"custom_metadata": {str(k): str(v) for k, v in custom.items()}}
+        self._call(f"metadata {path}", lambda c: c.adapter.post(url, json=body))
 
     def delete(self, path: str) -> None:
-        with self._errors(f"delete {path}"):
-            self._client().secrets.kv.v2.delete_metadata_and_all_versions(
+        self._call(
+            f"delete {path}",
+            lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
                 path=self._full(path), mount_point=self._mount
-            )
+            ),
+        )
+
+
+@dataclass
+class _Session:
+    """One thread's client and what is known of its token."""
+
+    client: Any
+    file_stamp: tuple[int, int] | None
+    renew_at: float | None = None  # monotonic time; None: not renewable, or unknown
+    worked: bool = False  # a request with this token has succeeded
+
+    def lease(self, ttl: Any, renewable: Any, now: float) -> None:
+        seconds = int(ttl or 0)
+        self.renew_at = now + seconds / 2 if renewable and seconds > 0 else None
+
+    def renew_due(self, now: float) -> bool:
+        return self.renew_at is not None and now >= self.renew_at
+
+    def file_changed(self, path: Path | None) -> bool:
+        return path is not None and _file_stamp(path) != self.file_stamp
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """What tells a rewritten token file (Vault Agent renames a new file into place)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

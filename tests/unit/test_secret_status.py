@@ -93,9 +93,29 @@ def test_a_deleted_current_version_is_an_error(version: dict[str, object]) -> No
 
 def test_a_missing_current_version_is_an_error() -> None:
     broken = SecretMetadata("db/app", 4, {3: VersionInfo(3, CREATED)}, POLICY)
-    assert (
-        rotation_status(broken, [], CREATED).reason == "the current version is missing or deleted"
-    )
+    assert rotation_status(broken, [], CREATED).reason == "no current version"
+    planned = SecretMetadata("db/app", 0, {}, POLICY)  # metadata written before any version
+    assert rotation_status(planned, [], CREATED).reason == "no version (metadata only)"
+
+
+@pytest.mark.parametrize(
+    ("deletion_in", "status", "warned"),
+    [
+        (timedelta(days=400), "ok", False),  # deleted long after it is due: nothing to say
+        (timedelta(days=10), "ok", True),  # deleted before it is due: said in the reason
+        (timedelta(seconds=1), "ok", True),
+        (timedelta(0), "error", False),  # the deletion time has come: gone
+        (-timedelta(days=1), "error", False),
+    ],
+)
+def test_a_version_with_a_deletion_time_is_current_until_then(
+    deletion_in: timedelta, status: str, warned: bool
+) -> None:
+    """KV v2's delete_version_after stamps each new version with a future deletion time."""
+    now = CREATED + timedelta(days=1)
+    found = rotation_status(meta(POLICY, deleted=now + deletion_in), [], now)
+    assert found.status == status
+    assert (found.reason is not None and "will be deleted at" in found.reason) == warned
 
 
 RULES = [
