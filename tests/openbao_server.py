@@ -81,10 +81,11 @@ class OpenBao:
         self._prefixes.append(name)
         return name
 
-    def policy_for(self, prefix: str) -> str:
-        """The shipped policy with its paths moved to ``prefix``, as policy ``fleet-PREFIX``;
-        returns a token holding only it."""
-        text = POLICY.read_text().replace("/platform/", f"/{prefix}/")
+    def policy_for(self, prefix: str, policy: str | None = None) -> str:
+        """The shipped policy (or ``policy``, an HCL text) with its paths moved from
+        ``platform`` to ``prefix``, as policy ``fleet-PREFIX``; returns a token holding only
+        it."""
+        text = (policy or POLICY.read_text()).replace("/platform/", f"/{prefix}/")
         self.api("PUT", f"sys/policies/acl/fleet-{prefix}", json={"policy": text})
         created = self.api(
             "POST", "auth/token/create", json={"policies": [f"fleet-{prefix}"], "ttl": "1h"}

@@ -1,7 +1,14 @@
-"""A stand-in for HashiCorp Vault's HTTP API, for tests and benchmarks only.
+"""A stand-in for HashiCorp Vault's HTTP API, kept for the benchmark only.
 
-Vault cannot be installed on these machines, so the hvac code is tested against this
-double. It follows Vault's documented API for what the fleet uses, status codes and bodies
+The fleet's Vault code is tested against a real Vault-API server, OpenBao
+(tests/openbao_server.py): this double shares the code's assumptions and once hid a
+``deletion_time`` bug, so no test of behaviour uses it any more. It stays for what a real
+server cannot be made to do: ``bench/secrets.py`` gives every request a fixed latency
+(``latency``), so that its figures do not depend on this machine's load. Its policy reader
+(:func:`load_policy`, :func:`allowed`) checks the shipped HCL file statically in
+tests/unit/test_deploy_files.py; OpenBao enforces the same file in the integration tests.
+
+It follows Vault's documented API for what the fleet uses, status codes and bodies
 included:
 
 - ``GET /v1/sys/health``: 200, or 503 with ``"sealed": true`` when sealed;

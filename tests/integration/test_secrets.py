@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from celery import Celery
@@ -22,9 +23,9 @@ from sqlalchemy import select, text, update
 
 from tasks.secrets.rotate import STAGING, PostgresRotator, RotationFailed
 from tasks.secrets.stores import SecretStore, StoreUnavailable, VaultStore, open_store
-from tests.helpers import ROOT, fleet_gauge
+from tests.helpers import fleet_gauge
+from tests.openbao_server import POLICY, OpenBao
 from tests.password_cluster import Cluster, password_cluster
-from tests.vault_double import Policy, VaultState, load_policy, vault_double
 from workers.celery_app import create_app
 from workers.db.models import FleetAuditLog, FleetSecretVersion, SecretRotationStatus, TaskRun
 from workers.logs import configure_logging
@@ -176,32 +177,21 @@ def test_a_secret_deleted_or_no_longer_managed_stops_alerting(app: Celery) -> No
 
 
 def test_a_store_that_is_down_is_reported_without_a_traceback(
-    postgres_url: str, redis_url: str, tmp_path: Path
+    postgres_url: str, redis_url: str, tmp_path: Path, openbao: OpenBao
 ) -> None:
-    with vault_double("hvs.t") as (address, state):
-        settings = FleetSettings(
-            home=tmp_path,
-            database_url=postgres_url,
-            redis_url=redis_url,
-            vault_addr=address,
-            vault_token="hvs.t",
-        )
-        rt = install(Runtime(settings))
-        application = create_app(rt)
-        state.sealed = True
-        result = application.tasks["secrets.check_rotation"].apply()
+    with openbao_app(postgres_url, redis_url, tmp_path, openbao) as (application, _prefix):
+        rt = runtime_of(application)
+        openbao.seal()
+        try:
+            result = application.tasks["secrets.check_rotation"].apply()
+        finally:
+            openbao.unseal()
         assert result.successful()
-        assert result.result == {
-            "store": "vault",
-            "store_up": False,
-            "error": "vault: Vault is sealed",
-            "secrets": [],
-        }
+        assert result.result["store_up"] is False and result.result["secrets"] == []
+        assert "Vault is sealed" in result.result["error"]
         assert fleet_gauge(rt.sessions, "fleet_secret_store_up") == 0
-        state.sealed = False
         assert application.tasks["secrets.check_rotation"].apply().result["store_up"] is True
         assert fleet_gauge(rt.sessions, "fleet_secret_store_up") == 1
-        rt.close()
 
 
 def stored_password(app: Celery, path: str = "db/app") -> str:
@@ -398,82 +388,107 @@ def test_no_secret_value_reaches_logs_rows_or_metrics(
             assert value not in haystack, f"a secret value reached the {where}"
 
 
-VAULT_POLICY = ROOT / "deploy" / "vault" / "fleet-policy.hcl"
-
-
 @contextmanager
-def vault_app(
-    postgres_url: str, redis_url: str, tmp_path: Path, policy: Policy
-) -> Iterator[tuple[Celery, VaultState]]:
-    """The secrets jobs on Vault (the double), the token held to ``policy``."""
-    with vault_double("hvs.fleet-worker", policy=policy) as (address, state):
-        settings = FleetSettings(
-            home=tmp_path,
-            database_url=postgres_url,
-            redis_url=redis_url,
-            vault_addr=address,
-            vault_token="hvs.fleet-worker",
-        )
-        rt = install(Runtime(settings))
-        application = create_app(rt)
-        try:
-            yield application, state
-        finally:
-            application.close()
-            rt.close()
+def openbao_app(
+    postgres_url: str, redis_url: str, tmp_path: Path, openbao: OpenBao, policy: str | None = None
+) -> Iterator[tuple[Celery, str]]:
+    """The secrets jobs on OpenBao, on a prefix of the test's own, with a token holding the
+    shipped least-privilege policy moved to that prefix (or ``policy``, an HCL text with
+    ``/platform/`` in its paths)."""
+    prefix = openbao.prefix()
+    token = openbao.policy_for(prefix, policy)
+    settings = FleetSettings(
+        home=tmp_path,
+        database_url=postgres_url,
+        redis_url=redis_url,
+        vault_addr=openbao.url,
+        vault_token=token,
+        vault_path_prefix=prefix,
+    )
+    rt = install(Runtime(settings))
+    application = create_app(rt)
+    try:
+        yield application, prefix
+    finally:
+        application.close()
+        rt.close()
 
 
-def seed_overdue(state: VaultState, role: dict[str, str]) -> None:
-    created = (datetime.now(UTC) - timedelta(days=40)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def seed(openbao: OpenBao, prefix: str, role: dict[str, str]) -> None:
+    """As an operator would (root): the role's credentials with a rotator, an API key the
+    fleet must not rotate, and a secret of another team."""
     custom = {"rotation_interval_days": "30", "rotator": "postgres"}
-    state.put("platform/db/app", role, created=created, custom=custom)
-    state.put("platform/apis/openai", {"api_key": "sk-0987654321"}, custom=custom | {"rotator": ""})
-    state.put("other-team/db", {"password": "not-ours-0001"})
+    for path, data, metadata in (
+        (f"{prefix}/db/app", role, custom),
+        # No rotator (KV v2 refuses an empty custom metadata value, so none is written).
+        (f"{prefix}/apis/openai", {"api_key": "sk-0987654321"}, {"rotation_interval_days": "30"}),
+        (f"other-{prefix}/db", {"password": "not-ours-0001"}, {}),
+    ):
+        openbao.api("POST", f"secret/data/{path}", json={"data": data})
+        if metadata:
+            openbao.api("POST", f"secret/metadata/{path}", json={"custom_metadata": metadata})
+
+
+def current(openbao: OpenBao, path: str) -> tuple[int, dict[str, str]]:
+    found = openbao.api("GET", f"secret/data/{path}")["data"]
+    return int(found["metadata"]["version"]), dict(found["data"])
 
 
 def test_the_shipped_vault_policy_is_enough_to_check_and_rotate(
-    postgres_url: str, redis_url: str, tmp_path: Path, role: dict[str, str], cluster: Cluster
+    postgres_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    role: dict[str, str],
+    cluster: Cluster,
+    openbao: OpenBao,
 ) -> None:
-    policy = load_policy(VAULT_POLICY)
-    with vault_app(postgres_url, redis_url, tmp_path, policy) as (app, state):
-        seed_overdue(state, role)
+    with openbao_app(postgres_url, redis_url, tmp_path, openbao) as (app, prefix):
+        seed(openbao, prefix, role)
         check = run(app, "secrets.check_rotation")
         assert check.successful(), check.result
-        assert {s["path"]: s["status"] for s in check.result["secrets"]}["db/app"] == "overdue"
-        assert check.result["rotations_enqueued"] == ["db/app"]
+        assert {s["path"]: s["status"] for s in check.result["secrets"]} == {
+            "apis/openai": "ok",
+            "db/app": "ok",
+        }
         rotated = run(app, "secrets.rotate", path="db/app")
         assert rotated.result == {"path": "db/app", "version": 2, "outcome": "rotated"}
-        new = state.secrets["platform/db/app"]["versions"][2]["data"]["password"]
-        assert cluster.logs_in(role["username"], new)
-        assert "platform/.rotation/db/app" not in state.secrets
-        assert state.denied == []
+        version, data = current(openbao, f"{prefix}/db/app")
+        assert version == 2 and cluster.logs_in(role["username"], data["password"])
+        with pytest.raises(httpx.HTTPStatusError):  # the staged copy is gone
+            openbao.api("GET", f"secret/metadata/{prefix}/.rotation/db/app")
         # Least privilege: nothing outside the prefix, no new managed secret, no deletion.
         store = VaultStore(runtime_of(app).settings)
         for attempt in (
             lambda: store.write("db/brand-new", {"password": "p"}),
             lambda: store.delete("db/app"),
             lambda: store.set_custom_metadata("db/app", {"rotator": ""}),
+            lambda: VaultStore(
+                runtime_of(app).settings.model_copy(update={"vault_path_prefix": f"other-{prefix}"})
+            ).read("db"),
         ):
             with pytest.raises(StoreUnavailable, match="permission denied"):
                 attempt()
-        assert state.denied == [
-            "create secret/data/platform/db/brand-new",
-            "delete secret/metadata/platform/db/app",
-            "update secret/metadata/platform/db/app",
-        ]
+        assert current(openbao, f"{prefix}/db/app")[0] == 2
 
 
 def test_less_than_the_shipped_policy_fails_the_rotation_safely(
-    postgres_url: str, redis_url: str, tmp_path: Path, role: dict[str, str], cluster: Cluster
+    postgres_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    role: dict[str, str],
+    cluster: Cluster,
+    openbao: OpenBao,
 ) -> None:
-    policy = dict(load_policy(VAULT_POLICY))
-    policy["secret/data/platform/.rotation/*"] = frozenset({"read"})  # cannot stage
-    with vault_app(postgres_url, redis_url, tmp_path, policy) as (app, state):
-        seed_overdue(state, role)
+    staging = (
+        'path "secret/data/platform/.rotation/*" {\n  capabilities = ["create", "read", "update"]'
+    )
+    shipped = POLICY.read_text()
+    assert staging in shipped
+    read_only = shipped.replace(staging, staging.replace('"create", "read", "update"', '"read"'))
+    with openbao_app(postgres_url, redis_url, tmp_path, openbao, read_only) as (app, prefix):
+        seed(openbao, prefix, role)
         rotated = run(app, "secrets.rotate", path="db/app")
         assert not rotated.successful()
         assert "write .rotation/db/app: permission denied (403)" in str(rotated.result)
-        # Each attempt (the job retries) stopped at its first refused request.
-        assert set(state.denied) == {"create secret/data/platform/.rotation/db/app"}
         assert cluster.logs_in(role["username"], role["password"])  # nothing changed
-        assert state.secrets["platform/db/app"]["current_version"] == 1
+        assert current(openbao, f"{prefix}/db/app") == (1, role)
