@@ -46,6 +46,7 @@ _SERVICE_VARIABLES = (
     "FLEET_VAULT_ADDR",
     "FLEET_VAULT_TOKEN",
     "FLEET_VAULT_TOKEN_FILE",
+    "FLEET_VAULT_DATABASE_MOUNTS",
     "FLEET_SCHEDULE_FILE",
     "FLEET_CONFIG_DIR",
 )
@@ -210,14 +211,15 @@ def _scrape(port: int, prefixes: tuple[str, ...]) -> list[str]:
 )
 def demo(duration: float, home: Path | None) -> None:
     """Run the fleet on the embedded default and show every job working."""
-    base = load_settings().home if home is None else home
+    overrides: dict[str, Any] = {
+        name.removeprefix("FLEET_").lower(): None for name in _SERVICE_VARIABLES
+    }
+    overrides["vault_database_mounts"] = []  # a list: empty, not None
+    base = load_settings(**overrides).home if home is None else home
     home = (base / "demo" if home is None else home).resolve()
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     console = wide_console()
-    overrides: dict[str, Any] = {
-        name.removeprefix("FLEET_").lower(): None for name in _SERVICE_VARIABLES
-    }
     overrides.update(home=home, database_url=f"sqlite:///{home / 'fleet.db'}")
     rt = start_runtime(load_settings(**overrides))
     try:

@@ -149,7 +149,7 @@ def configure_logging(
     root.setLevel(level)
     # Chatty libraries stay at WARNING unless the fleet itself is at DEBUG.
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
-    for name in ("apscheduler", "kombu", "amqp", "urllib3", "alembic"):
+    for name in ("apscheduler", "kombu", "amqp", "urllib3", "alembic", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)
 
 

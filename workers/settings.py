@@ -8,14 +8,22 @@ naming the variable, and secret values never appear in that line, in ``repr`` or
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.errors import FleetError
 
@@ -30,6 +38,7 @@ _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "sqlite")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 class SettingsError(FleetError):
@@ -78,6 +87,9 @@ class FleetSettings(BaseSettings):
     vault_namespace: str | None = None
     vault_verify: bool | Path = True  # False, or a CA bundle path
     vault_timeout: float = Field(default=10.0, gt=0)
+    # Mounts of Vault's database secrets engine whose static roles secrets.check_rotation
+    # watches (Vault rotates them; the fleet checks that it does): JSON list, ["database"].
+    vault_database_mounts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Embedded secret store: the Fernet key values are encrypted with (generated into
     # FLEET_HOME/secret.key on first use when unset).
     secret_key: SecretStr | None = Field(default=None, repr=False)
@@ -95,11 +107,11 @@ class FleetSettings(BaseSettings):
 
     # Celery.
     visibility_timeout: int = Field(default=7200, gt=0)
-    time_limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    time_limits: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(default_factory=dict)
     worker_concurrency: int = Field(default=2, ge=1, le=256)
     result_expires: int = Field(default=86400, gt=0)
     # More job families to load beside the fleet's own (module names).
-    extra_job_modules: list[str] = Field(default_factory=list)
+    extra_job_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Impressions.
     impressions_batch_size: int = Field(default=5000, ge=1, le=100_000)
@@ -116,7 +128,9 @@ class FleetSettings(BaseSettings):
     audit_gap_grace: timedelta = timedelta(seconds=2)
     # Per HTTP sink, headers to send (tokens live here, never in audit-sinks.yaml):
     # {"siem": {"Authorization": "Bearer ..."}}
-    audit_sink_headers: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
+    audit_sink_headers: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
+        default_factory=dict, repr=False
+    )
 
     # Scheduler: how long a fire's claim is remembered, and how long a replica that
     # claimed a fire has to enqueue it before another replica takes the fire over.
@@ -143,6 +157,26 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator(
+        "vault_database_mounts",
+        "time_limits",
+        "extra_job_modules",
+        "audit_sink_headers",
+        mode="before",
+    )
+    @classmethod
+    def _json(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON from the environment; empty means unset (the default), as for every
+        variable, so that ``FLEET_X=`` can switch off a value ``.env`` sets."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return [] if info.field_name in ("vault_database_mounts", "extra_job_modules") else {}
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("not valid JSON for this setting") from None
 
     @field_validator(
         "impressions_future_skew",
@@ -195,6 +229,18 @@ class FleetSettings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("vault_database_mounts")
+    @classmethod
+    def _mount_names(cls, value: list[str]) -> list[str]:
+        mounts: list[str] = []
+        for raw in value:
+            mount = raw.strip().strip("/")
+            if not _MOUNT.fullmatch(mount):
+                raise ValueError(f"{raw!r} is not a mount path (letters, digits, '_.-/')")
+            if mount not in mounts:
+                mounts.append(mount)
+        return mounts
+
     @field_validator("time_limits")
     @classmethod
     def _limits_ordered(
@@ -214,6 +260,17 @@ class FleetSettings(BaseSettings):
         if self.vault_token_file is not None and not self.vault_token_file.is_file():
             raise ValueError(
                 f"{ENV_PREFIX}VAULT_TOKEN_FILE: {self.vault_token_file} is not a readable file"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _database_mounts_need_vault(self) -> FleetSettings:
+        # Refused rather than ignored: whoever set it expects Vault's database rotations to
+        # be watched, and with the embedded store none would be, silently.
+        if self.vault_database_mounts and self.vault_addr is None:
+            raise ValueError(
+                f"{ENV_PREFIX}VAULT_DATABASE_MOUNTS needs {ENV_PREFIX}VAULT_ADDR "
+                "(the embedded secret store has no database secrets engine)"
             )
         return self
 
@@ -272,6 +329,7 @@ class FleetSettings(BaseSettings):
             "database": mask_url(self.sqlalchemy_url),
             "redis": mask_url(self.redis_url) if self.redis_url else "embedded",
             "vault": self.vault_addr or "embedded SQL secret store",
+            "vault_database_mounts": ", ".join(self.vault_database_mounts) or "none",
             "prometheus": self.prometheus_url or "not configured",
             "config_dir": str(self.configuration_dir),
             "home": str(self.home),

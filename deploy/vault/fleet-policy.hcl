@@ -25,3 +25,16 @@ path "secret/data/platform/.rotation/*" {
 path "secret/metadata/platform/.rotation/*" {
   capabilities = ["read", "list", "delete"]
 }
+
+# secrets.check_rotation with FLEET_VAULT_DATABASE_MOUNTS=["database"]: list the static roles
+# of Vault's database secrets engine and read each definition (its last_vault_rotation and
+# rotation_period or rotation_schedule), to see that Vault's own rotations do not stall. A
+# definition carries no password; static-creds, which does, is not granted. One pair of
+# blocks per mount listed there (rename "database" to yours); drop them if the list is empty.
+# tests/integration/test_vault_static_roles.py runs the check under exactly these blocks.
+path "database/static-roles" {
+  capabilities = ["list"]
+}
+path "database/static-roles/*" {
+  capabilities = ["read", "list"]
+}

@@ -8,6 +8,7 @@ paths, versions, dates and statuses only.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +25,16 @@ from tasks.secrets.model import (
     load_policy_rules,
     rotation_status,
 )
-from tasks.secrets.rotate import ROTATORS, STAGING, PostgresRotator
+from tasks.secrets.rotate import ROTATORS, STAGING, STUCK, PostgresRotator, RotationStuck
 from tasks.secrets.stores import (
     SecretNotFound,
     SecretStore,
     SqlStore,
     StoreUnavailable,
+    VaultStore,
     open_store,
 )
+from tasks.secrets.vault_database import static_role_statuses
 from workers import audit
 from workers.db.models import SecretRotationStatus
 from workers.fleetstate import SECRET_STORE, record_health
@@ -47,15 +50,53 @@ ROTATE_TIME_LIMIT = 120
 METADATA_THREADS = 16
 
 
-def all_metadata(store: SecretStore) -> list[SecretMetadata]:
-    """Every managed secret's metadata; through Vault, many requests at once."""
+def all_metadata(store: SecretStore, staging: bool = False) -> list[SecretMetadata]:
+    """Every managed secret's metadata; through Vault, many requests at once. With
+    ``staging``, the pending rotation entries (``.rotation/PATH``) too."""
     if isinstance(store, SqlStore):
         metas = store.all_metadata()
     else:
         paths = store.list_paths()
         with ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="vault") as pool:
             metas = [m for m in pool.map(_metadata_if_there(store), paths) if m is not None]
+    return [m for m in metas if staging or not m.path.startswith(STAGING)]
+
+
+def _managed(metas: list[SecretMetadata]) -> list[SecretMetadata]:
     return [m for m in metas if not m.path.startswith(STAGING)]
+
+
+def stuck_rotations(store: SecretStore, metas: list[SecretMetadata]) -> dict[str, str]:
+    """{path: reason} of the rotations marked stuck on their pending entry: no candidate
+    password logged in, and a person must look before anything retries."""
+    stuck = {}
+    for meta in metas:
+        if meta.path.startswith(STAGING):
+            with contextlib.suppress(SecretNotFound):
+                reason = store.read(meta.path).get(STUCK)
+                if reason:
+                    stuck[meta.path.removeprefix(STAGING)] = reason
+    return stuck
+
+
+def _mark_stuck(found: list[Status], stuck: dict[str, str]) -> list[Status]:
+    return [
+        Status(
+            s.path,
+            "error",
+            stuck[s.path],
+            s.version,
+            s.version_created,
+            s.age,
+            s.due_at,
+            s.notify_at,
+            s.rotator,
+            s.owner,
+        )
+        if s.path in stuck
+        else s
+        for s in found
+    ]
 
 
 def _metadata_if_there(store: SecretStore) -> Callable[[str], SecretMetadata | None]:
@@ -146,7 +187,9 @@ def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
 
     enqueued = []
     for status in found:
-        if status.status != "overdue" or status.rotator is None:
+        # At the start of the notify window, not once overdue: a healthy rotation never
+        # shows overdue, which then means that rotation failed or that nothing rotates.
+        if status.status not in ("due_soon", "overdue") or status.rotator is None:
             continue
         # One rotation request per path per check interval, whatever the number of checks.
         if rt.redis.set(ENQUEUED_KEY + status.path, "1", nx=True, ex=900):
@@ -169,7 +212,8 @@ def check_rotation() -> dict[str, Any]:
     store = open_store(rt.settings, rt.engine)
     try:
         store.health()
-        metas = all_metadata(store)
+        metas = all_metadata(store, staging=True)
+        stuck = stuck_rotations(store, metas)
     except StoreUnavailable as exc:
         _record_store(rt, False, now, str(exc))
         log.error("secret_store_unavailable", store=store.name, reason=str(exc))
@@ -179,7 +223,12 @@ def check_rotation() -> dict[str, Any]:
     except PolicyError as exc:
         log.error("rotation_policies_unusable", reason=str(exc))
         rules = exc
-    found = statuses(metas, rules, now)
+    found = _mark_stuck(statuses(_managed(metas), rules, now), stuck)
+    if rt.settings.vault_database_mounts and isinstance(store, VaultStore):
+        # Vault's own rotations (tasks/secrets/vault_database.py): checked, stored and
+        # exported like the rest; no rotator, so never sent to secrets.rotate.
+        mounts = rt.settings.vault_database_mounts
+        found += static_role_statuses(store._client(), mounts, now)
     changes, gone = _snapshot(rt, found, now)
     for path, old, new in changes:
         log.info("secret_status_changed", path=path, previous=old, status=new)
@@ -231,6 +280,12 @@ def rotate_secret(*, path: str) -> dict[str, Any]:
             step = getattr(exc, "step", "store")
             metrics.SECRET_ROTATIONS.labels("failed", step).inc()
             log.error("secret_rotation_failed", path=path, step=step, reason=str(exc))
+            raise
+        except RotationStuck as exc:
+            # Marked on the pending entry: the check shows the secret as error and nothing
+            # retries until a person has looked (fleet secrets unstick PATH).
+            metrics.SECRET_ROTATIONS.labels("stuck", "settle").inc()
+            log.error("secret_rotation_stuck", path=path, reason=str(exc))
             raise
     rt.redis.delete(ENQUEUED_KEY + path)
     metrics.SECRET_ROTATIONS.labels(rotated.outcome, "finish").inc()

@@ -1,4 +1,4 @@
-"""``fleet secrets put`` and ``fleet secrets status``."""
+"""``fleet secrets put``, ``status`` and ``unstick``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,31 @@ def put(path: str, pairs: tuple[str, ...], meta: tuple[str, ...]) -> None:
         f"{path}: version {version} written to the {store.name} store"
         + (f" with metadata {', '.join(sorted(custom))}" if custom else "")
     )
+
+
+@secrets.command()
+@click.argument("path")
+def unstick(path: str) -> None:
+    """Clear a stuck rotation of PATH once its stored password logs in again.
+
+    A rotation is stuck when neither the stored nor the pending password logs in: the fleet
+    stops rotating that secret until a person has fixed the role (or stored the password
+    that works) and run this.
+    """
+    from datetime import UTC, datetime
+
+    from tasks.secrets.rotate import PostgresRotator
+    from tasks.secrets.stores import open_store
+    from workers import audit
+
+    rt = start_runtime(start_embedded=False)
+    rt.require_migrated()
+
+    def record(action: str, subject: str, **details: object) -> None:
+        with rt.sessions.begin() as session:
+            audit.record(session, action, subject, datetime.now(UTC), **details)
+
+    click.echo(PostgresRotator(open_store(rt.settings, rt.engine), record).unstick(path))
 
 
 @secrets.command()

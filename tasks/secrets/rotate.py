@@ -12,9 +12,18 @@ The four steps of AWS Secrets Manager, on a KV store:
 4. **finish**: the new password becomes the secret's next version (check-and-set on the
    version rotated from), and the pending entry goes.
 
-Any failure rolls the role back to the stored password when the role had changed, so the
-store and the database agree on a working password. A pending entry found at the start
-(a crash) is finished if the new password works, undone if the stored one does.
+A step can fail after it took effect: ``ALTER ROLE`` ran but the answer was lost, the
+store applied the new version and then timed out. So a failure is never taken at its word:
+the rotator finds out what happened before it acts (:meth:`PostgresRotator._settle`). It
+tries the candidate passwords (the store's current one, the pending one, the one rotated
+from) and makes the store hold whichever logs in, with check-and-set; only then does the
+pending entry go. When the store cannot be read or written, the role is put back on the
+stored password and the pending entry stays, so that the next run settles whatever the
+store finally did. When no candidate logs in, the rotation is *stuck*: the pending entry is
+marked so, the secret shows ``error`` with reason ``stuck``, an audit event and
+``fleet_secret_rotations_total{outcome="stuck"}`` are written, and nothing retries until a
+person has looked (``fleet secrets unstick PATH``). A database that cannot be reached at all
+settles nothing: the pending entry stays for the next run.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from workers.jobs import PermanentError, TransientError
 from workers.logs import register_secret
 
 STAGING = ".rotation/"
+STUCK = "stuck"  # set on a pending entry when no candidate password logs in
 REQUIRED = ("username", "password", "host", "port", "database")
 ROTATORS = ("postgres",)
 
@@ -104,13 +114,27 @@ def _conninfo(creds: Mapping[str, str], password: str) -> dict[str, Any]:
     }
 
 
-def logs_in(connect: Connect, creds: Mapping[str, str], password: str) -> bool:
+def logs_in(connect: Connect, creds: Mapping[str, str], password: str) -> bool | None:
+    """True when ``password`` logs in, False when the server refuses it, None when the
+    server cannot be asked (down, unreachable: nothing can be concluded)."""
     try:
         with connect(**_conninfo(creds, password)) as connection:
             connection.execute("SELECT 1")
-    except psycopg.Error:
-        return False
+    except psycopg.Error as exc:
+        return False if _refused(exc) else None
     return True
+
+
+def _refused(exc: psycopg.Error) -> bool:
+    """An authentication failure (SQLSTATE class 28): libpq reports it at connection time
+    with no SQLSTATE, only the server's message."""
+    state = getattr(exc, "sqlstate", None) or ""
+    text = str(exc)
+    return (
+        state.startswith("28")
+        or "password authentication failed" in text
+        or ("role" in text and "does not exist" in text)
+    )
 
 
 def set_password(connect: Connect, creds: Mapping[str, str], login: str, password: str) -> None:
@@ -131,41 +155,41 @@ class PostgresRotator:
         self.connect = connect
 
     def rotate(self, path: str) -> Rotated:
-        outcome = self._resolve_pending(path)
+        outcome = self._settle(path)
         if outcome == "resumed":
             return Rotated(path, self.store.metadata(path).current_version, "resumed")
         meta = self.store.metadata(path)
         base = meta.current_version
         current = _credentials(path, self.store.read(path, base))
         fresh = new_password()
-        self._step(
-            path,
-            "create",
-            base,
-            lambda: self.store.write(
-                STAGING + path, {**current, "password": fresh, "base_version": str(base)}, cas=0
-            ),
-        )
+        pending = {**current, "password": fresh, "base_version": str(base)}
         try:
+            self._step(
+                path, "create", base, lambda: self.store.write(STAGING + path, pending, cas=0)
+            )
             self._step(
                 path,
                 "set",
                 base,
                 lambda: set_password(self.connect, current, current["password"], fresh),
             )
+            try:
+                self._step(path, "test", base, lambda: self._must_log_in(current, fresh))
+            except RotationFailed:
+                self._roll_back(path, current, fresh)  # set, but the new password is no use
+                raise
+            self._step(
+                path,
+                "finish",
+                base,
+                lambda: self.store.write(path, {**current, "password": fresh}, cas=base),
+            )
         except RotationFailed:
-            self._drop_pending(path)
-            raise
-        self._guarded(path, base, current, fresh, "test", lambda: self._must_log_in(current, fresh))
-        version = self._guarded(
-            path,
-            base,
-            current,
-            fresh,
-            "finish",
-            lambda: self.store.write(path, {**current, "password": fresh}, cas=base),
-        )
+            if self._recover(path, current, fresh) != "resumed":
+                raise
+            # The step had taken effect after all (its answer was lost): finished forward.
         self._drop_pending(path)
+        version = self.store.metadata(path).current_version
         self.audit("secret_rotated", path, version=version, previous_version=base)
         return Rotated(path, version, "undone_then_rotated" if outcome == "undone" else "rotated")
 
@@ -185,22 +209,17 @@ class PostgresRotator:
         self.audit("secret_rotation_step", path, step=step, ok=True, base_version=base)
         return result
 
-    def _guarded(
-        self,
-        path: str,
-        base: int,
-        current: Mapping[str, str],
-        fresh: str,
-        step: str,
-        work: Callable[[], Any],
-    ) -> Any:
-        """A step after the role changed: on failure, roll the role back first."""
+    def _recover(self, path: str, current: Mapping[str, str], fresh: str) -> str | None:
+        """After a failed step: settle what really happened. When the store cannot be read
+        or written to settle it, put the role back on the stored password and keep the
+        pending entry for the next run (which settles whatever the store finally did)."""
         try:
-            return self._step(path, step, base, work)
-        except RotationFailed:
-            self._roll_back(path, current, fresh)
-            self._drop_pending(path)
+            return self._settle(path)
+        except RotationStuck:
             raise
+        except Exception:  # the store (or the database) cannot answer now
+            self._roll_back(path, current, fresh)
+            return None
 
     def _must_log_in(self, creds: Mapping[str, str], password: str) -> None:
         if not logs_in(self.connect, creds, password):
@@ -220,37 +239,73 @@ class PostgresRotator:
             if logs_in(self.connect, current, old):
                 self.audit("secret_rotation_rolled_back", path, needed=True)
                 return
-        self.audit("secret_rotation_stuck", path)
-        raise RotationStuck(f"{path}: rollback failed: neither password can restore the role")
+        self.audit("secret_rotation_rollback_failed", path)
+
+    def unstick(self, path: str) -> str:
+        """After a person has fixed a stuck rotation: once the stored password logs in, the
+        pending entry goes and rotations resume. Raises FleetError saying what to do."""
+        try:
+            self.store.read(STAGING + path)
+        except SecretNotFound:
+            return f"{path}: no rotation is pending"
+        stored = _credentials(path, self.store.read(path))
+        works = logs_in(self.connect, stored, stored["password"])
+        if works is None:
+            raise FleetError(f"{path}: the database cannot be reached to try the stored password")
+        if not works:
+            raise FleetError(
+                f"{path}: the stored password does not log in: give the role that password "
+                "(ALTER ROLE), or store the one that works (fleet secrets put), then run again"
+            )
+        self._drop_pending(path)
+        self.audit("secret_rotation_unstuck", path)
+        return f"{path}: the stored password logs in; the pending rotation is cleared"
 
     def _drop_pending(self, path: str) -> None:
         with contextlib.suppress(SecretNotFound):
             self.store.delete(STAGING + path)
 
-    def _resolve_pending(self, path: str) -> str | None:
-        """A rotation that a crash interrupted: finish it or undo it."""
+    def _settle(self, path: str) -> str | None:
+        """Find out which password the role has, make the store hold it, then drop the
+        pending entry. None: nothing pending. "resumed": the role has the pending password
+        and the store now holds it. "undone": the role has the password the store holds.
+        Raises RotationStuck when no candidate logs in, RotationFailed when the database
+        cannot be asked, store errors when the store cannot answer (the entry then stays)."""
         try:
             pending = self.store.read(STAGING + path)
         except SecretNotFound:
             return None
+        if pending.get(STUCK):
+            raise RotationStuck(f"{path}: {pending[STUCK]}")
         meta = self.store.metadata(path)
         stored = _credentials(path, self.store.read(path, meta.current_version))
-        if pending.get("password") == stored["password"]:
-            self._drop_pending(path)  # it finished; only the clean-up was missing
-            self.audit("secret_rotation_resumed", path, version=meta.current_version)
-            return "resumed"
-        if logs_in(self.connect, stored, pending["password"]):
-            base = int(pending.get("base_version", meta.current_version))
-            finished = {k: v for k, v in pending.items() if k != "base_version"}
-            version = self.store.write(path, finished, cas=base)
+        candidates = {"stored": stored["password"], "pending": pending["password"]}
+        base = pending.get("base_version")
+        if base and base.isdigit() and int(base) != meta.current_version:
+            with contextlib.suppress(SecretNotFound):
+                candidates["rotated from"] = self.store.read(path, int(base))["password"]
+        unknown = False
+        for name, password in candidates.items():
+            works = logs_in(self.connect, stored, password)
+            if works is None:
+                unknown = True
+                continue
+            if not works:
+                continue
+            if password != stored["password"]:
+                # The role has a password the store does not hold as current: store it.
+                self.store.write(path, {**stored, "password": password}, cas=meta.current_version)
             self._drop_pending(path)
-            self.audit("secret_rotation_resumed", path, version=version)
-            return "resumed"
-        if logs_in(self.connect, stored, stored["password"]):
-            self._drop_pending(path)
-            self.audit("secret_rotation_undone", path, version=meta.current_version)
-            return "undone"
-        raise RotationStuck(f"{path}: neither the stored nor the pending password logs in")
+            settled = "resumed" if password == pending["password"] else "undone"
+            self.audit(f"secret_rotation_{settled}", path, password_of=name)
+            return settled
+        if unknown:
+            raise RotationFailed("settle", "the database cannot be reached to try the passwords")
+        reason = "stuck: neither the stored nor the pending password logs in"
+        with contextlib.suppress(Exception):  # the mark only spares the next run a retry
+            self.store.write(STAGING + path, {**pending, STUCK: reason})
+        self.audit("secret_rotation_stuck", path)
+        raise RotationStuck(f"{path}: {reason}")
 
 
 def _reason(exc: BaseException) -> str:

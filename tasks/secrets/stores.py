@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -441,8 +442,8 @@ class VaultStore:
         versions = {
             int(number): VersionInfo(
                 int(number),
-                _vault_time(v["created_time"]) or _EPOCH,
-                _vault_time(v.get("deletion_time")),
+                vault_time(v["created_time"]) or _EPOCH,
+                vault_time(v.get("deletion_time")),
                 bool(v.get("destroyed")),
             )
             for number, v in (data.get("versions") or {}).items()
@@ -534,13 +535,22 @@ def _file_stamp(path: Path | None) -> tuple[int, int] | None:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _vault_time(text: str | None) -> datetime | None:
-    if not text:
+_RFC3339 = re.compile(r"(?P<head>[^.]+?)(?:\.(?P<fraction>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)")
+
+
+def vault_time(text: Any) -> datetime | None:
+    """Vault's time: RFC 3339 with nanoseconds (Python keeps microseconds), in UTC (``Z``)
+    or the server's own offset (``last_vault_rotation``); None for empty or malformed."""
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
         return None
-    # Vault writes RFC 3339 with nanoseconds: Python takes microseconds.
-    head, _, tail = text.rstrip("Z").partition(".")
-    fraction = (tail[:6] if tail else "0").ljust(6, "0")
-    return datetime.fromisoformat(f"{head}.{fraction}").replace(tzinfo=UTC)
+    fraction = (match["fraction"] or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if match["zone"] == "Z" else match["zone"]
+    try:
+        parsed = datetime.fromisoformat(f"{match['head']}.{fraction}{zone}")
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC)
 
 
 def open_store(settings: FleetSettings, engine: Engine) -> SecretStore:

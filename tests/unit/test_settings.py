@@ -71,8 +71,18 @@ def test_several_bad_values_report_the_first_and_count_the_rest(
 def test_empty_value_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_DATABASE_URL", "")
     monkeypatch.setenv("FLEET_VAULT_ADDR", "")
+    for name in ("EXTRA_JOB_MODULES", "VAULT_DATABASE_MOUNTS", "TIME_LIMITS", "AUDIT_SINK_HEADERS"):
+        monkeypatch.setenv(f"FLEET_{name}", "")  # JSON settings too (they failed to parse)
     settings = load_settings()
     assert settings.database_url is None and settings.vault_addr is None
+    assert settings.extra_job_modules == settings.vault_database_mounts == []
+    assert settings.time_limits == settings.audit_sink_headers == {}
+
+
+def test_a_json_setting_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_EXTRA_JOB_MODULES", "[not json")
+    with pytest.raises(SettingsError, match="^FLEET_EXTRA_JOB_MODULES"):
+        load_settings()
 
 
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
