@@ -176,3 +176,21 @@ def openbao() -> Iterator[Any]:
 
     with openbao_server() as server:
         yield server
+
+
+# Rotation: a PostgreSQL cluster that checks passwords, and the secret jobs ------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    from tests.password_cluster import password_cluster
+
+    with password_cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def role(cluster: Any) -> dict[str, str]:
+    from tests.secrets_app import new_role
+
+    return new_role(cluster)
