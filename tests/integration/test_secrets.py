@@ -422,3 +422,55 @@ def test_less_than_the_shipped_policy_fails_the_rotation_safely(
         assert "write .rotation/db/app: permission denied (403)" in str(rotated.result)
         assert cluster.logs_in(role["username"], role["password"])  # nothing changed
         assert current(openbao, f"{prefix}/db/app") == (1, role)
+
+
+def test_a_check_on_a_mount_as_operators_set_it_up(
+    postgres_url: str, redis_url: str, tmp_path: Path, openbao: OpenBao
+) -> None:
+    """KV v2 with cas_required and delete_version_after, a key with metadata and no
+    version, AppRole login under the shipped policy: each secret gets its own status and
+    the store is up."""
+    mount, prefix = f"kv-{openbao.prefix()}", openbao.prefix()
+    openbao.api("POST", f"sys/mounts/{mount}", json={"type": "kv", "options": {"version": "2"}})
+    openbao.api(
+        "POST", f"{mount}/config", json={"cas_required": True, "delete_version_after": "240h"}
+    )
+    policy = POLICY.read_text().replace("secret/", f"{mount}/").replace("/platform/", f"/{prefix}/")
+    openbao.api("PUT", f"sys/policies/acl/fleet-{prefix}", json={"policy": policy})
+    role_id, secret_id = openbao.approle(f"fleet-{prefix}", f"fleet-{prefix}")
+    managed = {"rotation_interval_days": "30"}
+    for path, data, custom in (
+        ("db/app", {"password": "app-pass-0001"}, managed),
+        ("svc/plain", {"password": "plain-pass-0002"}, {}),
+        ("db/planned", None, managed),  # metadata written before any version
+    ):
+        if data is not None:
+            body = {"data": data, "options": {"cas": 0}}
+            openbao.api("POST", f"{mount}/data/{prefix}/{path}", json=body)
+        if custom:
+            openbao.api(
+                "POST", f"{mount}/metadata/{prefix}/{path}", json={"custom_metadata": custom}
+            )
+    settings = FleetSettings(
+        home=tmp_path,
+        database_url=postgres_url,
+        redis_url=redis_url,
+        vault_addr=openbao.url,
+        vault_mount=mount,
+        vault_path_prefix=prefix,
+        vault_role_id=role_id,
+        vault_secret_id=secret_id,
+    )
+    rt = install(Runtime(settings))
+    application = create_app(rt)
+    try:
+        result = run(application, "secrets.check_rotation").result
+    finally:
+        application.close()
+        rt.close()
+    assert result["store_up"] is True
+    found = {s["path"]: (s["status"], s["reason"]) for s in result["secrets"]}
+    assert found["db/planned"] == ("error", "no version (metadata only)")
+    assert found["svc/plain"] == ("unmanaged", "no rotation policy")
+    status, reason = found["db/app"]
+    assert status == "ok" and "will be deleted at" in reason  # in 10 days, before it is due
