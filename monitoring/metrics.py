@@ -202,6 +202,10 @@ SECRET_DUE = ScrapeTimeMetric(
     "has no due date, or is gone).",
     ("path",),
 )
+SECRET_ROTATIONS_STUCK = ScrapeTimeMetric(
+    "fleet_secret_rotations_stuck",
+    "Managed secrets whose rotation is stuck (no candidate password logs in), as last checked.",
+)
 SECRET_STORE_UP = ScrapeTimeMetric(
     "fleet_secret_store_up",
     "1 when the last check could read the secret store; 0 when unreachable, sealed or refusing.",
@@ -243,6 +247,7 @@ SCRAPE_TIME = (
     SECRET_AGE,
     SECRET_DUE,
     SECRET_STORE_UP,
+    SECRET_ROTATIONS_STUCK,
     AUDIT_LAG,
     AUDIT_BACKLOG,
     AUDIT_SINK_UP,
@@ -309,6 +314,7 @@ class FleetStateCollector(Collector):
         yield _family(SECRET_DUE, state.secret_due)
         if state.secret_store_up is not None:
             yield _single(SECRET_STORE_UP, state.secret_store_up)
+        yield _single(SECRET_ROTATIONS_STUCK, state.secret_rotations_stuck)
         yield _family(AUDIT_LAG, state.audit_lag)
         yield _family(AUDIT_BACKLOG, state.audit_backlog)
         yield _family(AUDIT_SINK_UP, state.audit_sink_up)

@@ -99,6 +99,7 @@ class FleetState:
     secret_age: dict[str, float] = field(default_factory=dict)  # path
     secret_due: dict[str, float] = field(default_factory=dict)  # path
     secret_store_up: float | None = None
+    secret_rotations_stuck: int = 0
     audit_sink_up: dict[str, float] = field(default_factory=dict)  # sink
     audit_backlog: dict[tuple[str, str], int] = field(default_factory=dict)  # source, sink
     audit_lag: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -142,6 +143,8 @@ def _drift(session: Session, state: FleetState) -> None:
 def _secrets(session: Session, state: FleetState, now: datetime) -> None:
     for row in session.scalars(select(SecretRotationStatus)):
         state.secrets[row.status] = state.secrets.get(row.status, 0) + 1
+        if row.status == "error" and (row.reason or "").startswith("stuck"):
+            state.secret_rotations_stuck += 1
         if row.version_created is not None:
             state.secret_age[row.path] = (now - row.version_created).total_seconds()
         if row.due_at is not None:

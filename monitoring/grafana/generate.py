@@ -160,10 +160,18 @@ def secrets() -> Board:
         "stat",
         "Secrets by status",
         [("max by (status) (fleet_secrets)", "{{status}}")],
-        width=16,
+        width=12,
         height=5,
     )
-    board.add("stat", "Store up", [("min(fleet_secret_store_up)", "")], width=8, height=5)
+    board.add("stat", "Store up", [("min(fleet_secret_store_up)", "")], width=6, height=5)
+    board.add(
+        "stat",
+        "Stuck rotations",
+        [("max(fleet_secret_rotations_stuck)", "")],
+        width=6,
+        height=5,
+        description="No candidate password logs in: fix the role, then fleet secrets unstick.",
+    )
     board.add(
         "table",
         "Days until due (negative: overdue)",

@@ -261,7 +261,7 @@ def rotate_secret(*, path: str) -> dict[str, Any]:
     meta = store.metadata(path)
     rules = load_policy_rules(rt.settings.configuration_dir)
     status = rotation_status(meta, rules, datetime.now(UTC))
-    if status.rotator != "postgres":
+    if status.rotator not in ROTATORS:
         raise PermanentError(
             f"{path}: rotator {status.rotator!r} is not one the fleet runs "
             f"(known: {', '.join(ROTATORS)})"
@@ -275,7 +275,8 @@ def rotate_secret(*, path: str) -> dict[str, Any]:
         if busy is not None:
             return skipped("another rotation of this secret is running", path=path)
         try:
-            rotated = PostgresRotator(store, audit_event).rotate(path)
+            alternating = status.rotator == "postgres-alternating"
+            rotated = PostgresRotator(store, audit_event, alternating=alternating).rotate(path)
         except TransientError as exc:
             step = getattr(exc, "step", "store")
             metrics.SECRET_ROTATIONS.labels("failed", step).inc()

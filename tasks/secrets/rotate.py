@@ -48,7 +48,9 @@ from workers.logs import register_secret
 STAGING = ".rotation/"
 STUCK = "stuck"  # set on a pending entry when no candidate password logs in
 REQUIRED = ("username", "password", "host", "port", "database")
-ROTATORS = ("postgres",)
+ROTATORS = ("postgres", "postgres-alternating")
+# postgres-alternating: the secret also holds the other role of the pair and its password.
+ALTERNATE = ("alternate_username", "alternate_password")
 
 Connect = Callable[..., Any]
 Audit = Callable[..., None]
@@ -95,8 +97,10 @@ def new_password() -> str:
     return password
 
 
-def _credentials(path: str, data: Mapping[str, str]) -> dict[str, str]:
-    missing = [name for name in REQUIRED if not data.get(name)]
+def _credentials(
+    path: str, data: Mapping[str, str], required: tuple[str, ...] = REQUIRED
+) -> dict[str, str]:
+    missing = [name for name in required if not data.get(name)]
     if missing:
         raise PermanentError(f"{path}: not PostgreSQL credentials (missing {', '.join(missing)})")
     return dict(data)
@@ -146,13 +150,58 @@ def set_password(connect: Connect, creds: Mapping[str, str], login: str, passwor
         connection.execute(statement)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One rotation: which role's password changes, logged in with what, and the secret's
+    data once it is done (the pending entry holds that data, so that a crash can be
+    settled from it alone)."""
+
+    role: dict[str, str]  # credentials of the role whose password changes
+    login: str  # its password now
+    finished: dict[str, str]  # the secret's next version (its password: the fresh one)
+
+
+def single_user(current: Mapping[str, str], fresh: str) -> Plan:
+    """The secret's own role gets a new password: every client must re-read the secret."""
+    return Plan(dict(current), current["password"], {**current, "password": fresh})
+
+
+def alternating_users(current: Mapping[str, str], fresh: str) -> Plan:
+    """The role *not* in use gets a new password and becomes the secret's current one; the
+    one in use is untouched, so connections and pools holding it keep working until the
+    rotation after this one (AWS Secrets Manager's alternating users)."""
+    other = {**current, "username": current["alternate_username"]}
+    finished = {
+        **current,
+        "username": current["alternate_username"],
+        "password": fresh,
+        "alternate_username": current["username"],
+        "alternate_password": current["password"],
+    }
+    return Plan(other, current["alternate_password"], finished)
+
+
+def password_of(data: Mapping[str, str], username: str) -> str | None:
+    """The password ``data`` (a secret's version) records for ``username``."""
+    if data.get("username") == username:
+        return data.get("password")
+    if data.get("alternate_username") == username:
+        return data.get("alternate_password")
+    return None
+
+
 class PostgresRotator:
     def __init__(
-        self, store: SecretStore, audit: Audit, connect: Connect = psycopg.connect
+        self,
+        store: SecretStore,
+        audit: Audit,
+        connect: Connect = psycopg.connect,
+        alternating: bool = False,
     ) -> None:
         self.store = store
         self.audit = audit
         self.connect = connect
+        self.alternating = alternating
 
     def rotate(self, path: str) -> Rotated:
         outcome = self._settle(path)
@@ -160,32 +209,29 @@ class PostgresRotator:
             return Rotated(path, self.store.metadata(path).current_version, "resumed")
         meta = self.store.metadata(path)
         base = meta.current_version
-        current = _credentials(path, self.store.read(path, base))
+        required = REQUIRED + ALTERNATE if self.alternating else REQUIRED
+        current = _credentials(path, self.store.read(path, base), required)
         fresh = new_password()
-        pending = {**current, "password": fresh, "base_version": str(base)}
+        plan = (alternating_users if self.alternating else single_user)(current, fresh)
+        role = plan.role
+        pending = {**plan.finished, "base_version": str(base)}
         try:
             self._step(
                 path, "create", base, lambda: self.store.write(STAGING + path, pending, cas=0)
             )
             self._step(
-                path,
-                "set",
-                base,
-                lambda: set_password(self.connect, current, current["password"], fresh),
+                path, "set", base, lambda: set_password(self.connect, role, plan.login, fresh)
             )
             try:
-                self._step(path, "test", base, lambda: self._must_log_in(current, fresh))
+                self._step(path, "test", base, lambda: self._must_log_in(role, fresh))
             except RotationFailed:
-                self._roll_back(path, current, fresh)  # set, but the new password is no use
+                self._roll_back(path, role, plan.login, fresh)  # set, but of no use
                 raise
             self._step(
-                path,
-                "finish",
-                base,
-                lambda: self.store.write(path, {**current, "password": fresh}, cas=base),
+                path, "finish", base, lambda: self.store.write(path, plan.finished, cas=base)
             )
         except RotationFailed:
-            if self._recover(path, current, fresh) != "resumed":
+            if self._recover(path, role, plan.login, fresh) != "resumed":
                 raise
             # The step had taken effect after all (its answer was lost): finished forward.
         self._drop_pending(path)
@@ -209,7 +255,7 @@ class PostgresRotator:
         self.audit("secret_rotation_step", path, step=step, ok=True, base_version=base)
         return result
 
-    def _recover(self, path: str, current: Mapping[str, str], fresh: str) -> str | None:
+    def _recover(self, path: str, role: Mapping[str, str], old: str, fresh: str) -> str | None:
         """After a failed step: settle what really happened. When the store cannot be read
         or written to settle it, put the role back on the stored password and keep the
         pending entry for the next run (which settles whatever the store finally did)."""
@@ -218,25 +264,24 @@ class PostgresRotator:
         except RotationStuck:
             raise
         except Exception:  # the store (or the database) cannot answer now
-            self._roll_back(path, current, fresh)
+            self._roll_back(path, role, old, fresh)
             return None
 
     def _must_log_in(self, creds: Mapping[str, str], password: str) -> None:
         if not logs_in(self.connect, creds, password):
             raise FleetError("cannot log in with the new password")
 
-    def _roll_back(self, path: str, current: Mapping[str, str], fresh: str) -> None:
-        """Make the role's password the stored one again, whichever now logs in."""
-        old = current["password"]
-        if logs_in(self.connect, current, old):
+    def _roll_back(self, path: str, role: Mapping[str, str], old: str, fresh: str) -> None:
+        """Make the role's password ``old`` (the stored one) again, whichever logs in."""
+        if logs_in(self.connect, role, old):
             self.audit("secret_rotation_rolled_back", path, needed=False)
             return
         for login in (fresh, old):
             try:
-                set_password(self.connect, current, login, old)
+                set_password(self.connect, role, login, old)
             except psycopg.Error:
                 continue
-            if logs_in(self.connect, current, old):
+            if logs_in(self.connect, role, old):
                 self.audit("secret_rotation_rolled_back", path, needed=True)
                 return
         self.audit("secret_rotation_rollback_failed", path)
@@ -266,35 +311,48 @@ class PostgresRotator:
             self.store.delete(STAGING + path)
 
     def _settle(self, path: str) -> str | None:
-        """Find out which password the role has, make the store hold it, then drop the
-        pending entry. None: nothing pending. "resumed": the role has the pending password
-        and the store now holds it. "undone": the role has the password the store holds.
-        Raises RotationStuck when no candidate logs in, RotationFailed when the database
-        cannot be asked, store errors when the store cannot answer (the entry then stays)."""
+        """Find out which password the changed role has, make the store hold it, then drop
+        the pending entry. None: nothing pending. "resumed": the role has the pending
+        password and the store now holds the pending entry's data. "undone": the store
+        already holds the role's password. Raises RotationStuck when no candidate logs in,
+        RotationFailed when the database cannot be asked, store errors when the store cannot
+        answer (the entry then stays).
+
+        The pending entry is the secret's data once rotated: its ``username`` is the role
+        whose password changes (the secret's own; or, alternating, the other of the pair).
+        """
         try:
             pending = self.store.read(STAGING + path)
         except SecretNotFound:
             return None
         if pending.get(STUCK):
             raise RotationStuck(f"{path}: {pending[STUCK]}")
+        finished = {k: v for k, v in pending.items() if k != "base_version"}
+        user = pending["username"]
         meta = self.store.metadata(path)
         stored = _credentials(path, self.store.read(path, meta.current_version))
-        candidates = {"stored": stored["password"], "pending": pending["password"]}
+        # (name, password of the changed role, the secret's data that goes with it)
+        candidates = [
+            ("stored", password_of(stored, user), stored),
+            ("pending", pending["password"], finished),
+        ]
         base = pending.get("base_version")
         if base and base.isdigit() and int(base) != meta.current_version:
             with contextlib.suppress(SecretNotFound):
-                candidates["rotated from"] = self.store.read(path, int(base))["password"]
+                before = self.store.read(path, int(base))
+                candidates.append(("rotated from", password_of(before, user), before))
+        role = {**stored, "username": user}
         unknown = False
-        for name, password in candidates.items():
-            works = logs_in(self.connect, stored, password)
+        for name, password, data in candidates:
+            works = logs_in(self.connect, role, password) if password else False
             if works is None:
                 unknown = True
                 continue
             if not works:
                 continue
-            if password != stored["password"]:
-                # The role has a password the store does not hold as current: store it.
-                self.store.write(path, {**stored, "password": password}, cas=meta.current_version)
+            if password != password_of(stored, user):
+                # The role has a password the store does not hold: store its secret.
+                self.store.write(path, data, cas=meta.current_version)
             self._drop_pending(path)
             settled = "resumed" if password == pending["password"] else "undone"
             self.audit(f"secret_rotation_{settled}", path, password_of=name)

@@ -12,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from celery import Celery
 from prometheus_client import REGISTRY
@@ -28,7 +30,7 @@ from tests.cutting_proxy import CuttingProxy, cutting_proxy
 from tests.helpers import ROOT, run_fleet
 from tests.openbao_server import OpenBao
 from tests.password_cluster import Cluster
-from tests.secrets_app import backdate, put, run, runtime_of, secrets_app, store_of
+from tests.secrets_app import backdate, new_role, put, run, runtime_of, secrets_app, store_of
 from workers.db import make_engine
 from workers.db.models import FleetAuditLog, SecretRotationStatus
 from workers.settings import FleetSettings
@@ -43,12 +45,14 @@ def app(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Celery]:
 
 
 def settled(store: SecretStore, cluster: Cluster, role: dict[str, str]) -> str:
-    """The invariant: the stored current password logs in, the old one does not unless it
-    is the stored one, and nothing is pending. Returns the stored password."""
-    stored = store.read(PATH)["password"]
-    assert cluster.logs_in(role["username"], stored)
+    """The invariant: the stored current password logs in (and, alternating, the other
+    role's recorded one too), and nothing is pending. Returns the stored password."""
+    stored = store.read(PATH)
+    assert cluster.logs_in(stored["username"], stored["password"])
+    if "alternate_username" in stored:
+        assert cluster.logs_in(stored["alternate_username"], stored["alternate_password"])
     assert STAGING + PATH not in store.list_paths()
-    return stored
+    return stored["password"]
 
 
 class Steps:
@@ -81,19 +85,29 @@ class Steps:
 # ALTER ROLE ran, the answer was lost ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("rotator", ["postgres", "postgres-alternating"])
 def test_a_password_change_whose_answer_is_lost_is_finished_forward(
-    app: Celery, role: dict[str, str], cluster: Cluster
+    app: Celery, role: dict[str, str], cluster: Cluster, rotator: str
 ) -> None:
     with cutting_proxy((cluster.host, cluster.port), b"ALTER ROLE") as proxy:
         proxied = {**role, "host": "127.0.0.1", "port": str(proxy.port)}
-        put(app, PATH, proxied, rotation_interval_days="30", rotator="postgres")
+        changed = role
+        if rotator == "postgres-alternating":
+            changed = new_role(cluster)
+            proxied |= {
+                "alternate_username": changed["username"],
+                "alternate_password": changed["password"],
+            }
+        put(app, PATH, proxied, rotation_interval_days="30", rotator=rotator)
         steps = Steps()
-        rotated = PostgresRotator(store_of(app), steps).rotate(PATH)
+        alternating = rotator == "postgres-alternating"
+        rotated = PostgresRotator(store_of(app), steps, alternating=alternating).rotate(PATH)
         assert proxy.cuts == 1
         assert steps.failed() == ["set"]  # it looked like a failure...
         assert rotated.outcome == "rotated" and rotated.version == 2  # ...and was not one
         new = settled(store_of(app), cluster, role)
-        assert new != role["password"] and not cluster.logs_in(role["username"], role["password"])
+        assert new != changed["password"]
+        assert not cluster.logs_in(changed["username"], changed["password"])
         assert ("secret_rotation_resumed", {"password_of": "pending"}) in steps.events
         again = run(app, "secrets.rotate", path=PATH)  # the next run rotates cleanly
         assert again.successful() and again.result["version"] == 3
@@ -304,4 +318,89 @@ def test_rotation_starts_in_the_notify_window_so_a_healthy_one_is_never_overdue(
     assert run(app, "secrets.rotate", path=PATH).result["outcome"] == "rotated"
     check = run(app, "secrets.check_rotation").result
     assert {s["path"]: s["status"] for s in check["secrets"]}[PATH] == "ok"
+    settled(store_of(app), cluster, role)
+
+
+# Alternating users: the credential clients hold keeps working -------------------------------
+
+
+class Client:
+    """A client of the secret: it reads the secret, then opens a connection, queries and
+    closes it, again and again (a pool that re-reads the secret whenever it reconnects);
+    and one long-lived connection opened at the start keeps querying throughout."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+        self.logins = 0
+        self.failures: list[str] = []
+        self.done = threading.Event()
+        self.progress = threading.Condition()
+        first = store.read(PATH)
+        self.held = psycopg.connect(**conninfo(first), autocommit=True)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            creds = self.store.read(PATH)
+            try:
+                with psycopg.connect(**conninfo(creds)) as connection:
+                    connection.execute("SELECT 1")
+                self.held.execute("SELECT 1")
+            except psycopg.Error as exc:
+                self.failures.append(f"{creds['username']}: {type(exc).__name__}")
+            with self.progress:
+                self.logins += 1
+                self.progress.notify_all()
+
+    def wait_logins(self, count: int) -> None:
+        with self.progress:
+            assert self.progress.wait_for(lambda: self.logins >= count, timeout=60)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(30)
+        self.held.close()
+
+
+def conninfo(creds: dict[str, str]) -> dict[str, Any]:
+    return {
+        "host": creds["host"],
+        "port": int(creds["port"]),
+        "dbname": creds["database"],
+        "user": creds["username"],
+        "password": creds["password"],
+        "connect_timeout": 5,
+    }
+
+
+def test_alternating_users_rotate_three_times_under_a_querying_client_with_no_failed_login(
+    app: Celery, role: dict[str, str], cluster: Cluster
+) -> None:
+    other = new_role(cluster)
+    pair = {
+        **role,
+        "alternate_username": other["username"],
+        "alternate_password": other["password"],
+    }
+    put(app, PATH, pair, rotation_interval_days="30", rotator="postgres-alternating")
+    client = Client(store_of(app))
+    users = []
+    try:
+        for rotation in range(3):
+            client.wait_logins(client.logins + 20)  # the client is busy before each rotation
+            before = store_of(app).read(PATH)
+            result = run(app, "secrets.rotate", path=PATH)
+            assert result.successful(), result.result
+            after = store_of(app).read(PATH)
+            users.append(after["username"])
+            # The role in use was not touched: its password still logs in.
+            assert cluster.logs_in(before["username"], before["password"]), rotation
+            assert after["alternate_password"] == before["password"]
+        client.wait_logins(client.logins + 20)
+    finally:
+        client.stop()
+    assert client.failures == []
+    assert users == [other["username"], role["username"], other["username"]]
+    assert client.logins >= 80
     settled(store_of(app), cluster, role)

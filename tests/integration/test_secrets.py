@@ -57,7 +57,7 @@ def test_check_rotation_sees_every_status_and_records_changes(
         "svc/broken": "error",
     }
     reasons = {s["path"]: s["reason"] for s in first["secrets"]}
-    assert reasons["svc/ftp"] == "unknown rotator 'ftp' (known: postgres)"
+    assert reasons["svc/ftp"] == "unknown rotator 'ftp' (known: postgres, postgres-alternating)"
     assert "rotation_interval_days='soon'" in reasons["svc/broken"]
     assert first["rotations_enqueued"] == ["db/app"]
     assert first["counts"] == {"due_soon": 1, "error": 2, "overdue": 1, "unmanaged": 1}

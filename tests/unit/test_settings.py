@@ -81,7 +81,7 @@ def test_empty_value_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_json_setting_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_EXTRA_JOB_MODULES", "[not json")
-    with pytest.raises(SettingsError, match="^FLEET_EXTRA_JOB_MODULES"):
+    with pytest.raises(SettingsError, match=r"^FLEET_EXTRA_JOB_MODULES"):
         load_settings()
 
 
