@@ -123,6 +123,8 @@ class FleetSettings(BaseSettings):
     audit_hmac_key: SecretStr | None = Field(default=None, repr=False)
     audit_checkpoint_interval: timedelta = timedelta(hours=1)
     audit_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    # A shipper's lock on a sink, renewed while it lives: a killed one frees the sink in this.
+    audit_lock_ttl: int = Field(default=20, ge=2, le=3600)
     # An id missing below committed ones may still be committed by a running transaction;
     # it is passed over only after this long and once every such transaction has ended.
     audit_gap_grace: timedelta = timedelta(seconds=2)

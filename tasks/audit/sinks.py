@@ -3,9 +3,14 @@
 
 A sink confirms a batch by returning from :meth:`deliver`; only then does the shipper move
 its cursors. The file sink writes at the committed offset of its current segment and
-``fsync``\\ s, so that on start (:meth:`FileSink.recover`) it can cut away whatever a crash
-left after the last commit: it ends at exactly the committed events. The HTTP sink is
-at-least-once (a crash between delivery and commit sends the batch again, with the same
+``fsync``\\ s. It never removes a shipped record: on start (:meth:`FileSink.recover`) the
+records found past the committed position (a crash between the write and the commit; a sink
+renamed, a database new or restored, so that no state or an old one is known) are verified
+to continue the chain and *adopted*: the position moves past them and the shipper's cursors
+move past their events, so nothing is shipped twice. The one cut ever made is a partial last
+line (a crash in the middle of a write). Records that do not continue the chain make the
+sink refuse to start (:class:`SinkUnusable`), naming the file and what to do. The HTTP sink
+is at-least-once (a crash between delivery and commit sends the batch again, with the same
 ``event_id``\\ s).
 """
 
@@ -17,7 +22,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,6 +46,24 @@ class SinkRefused(FleetError):
 
 class SinkConfigError(FleetError):
     pass
+
+
+class SinkUnusable(FleetError):
+    """The sink's files do not continue its chain (or are behind its committed state): it
+    refuses to start rather than write beside, or over, an archive it cannot vouch for."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a sink's chain stands: its head, and for a file sink the committed segment and
+    offset. ``shipped``: for records adopted on recovery, the highest id of each source."""
+
+    seq: int
+    head: str
+    segment: str | None = None
+    offset: int = 0
+    shipped: Mapping[str, int] = field(default_factory=dict)
+    adopted: int = 0
 
 
 class _FileConfig(BaseModel):
@@ -98,8 +121,9 @@ def load_sinks(config_dir: Path) -> SinksConfig:
 class AuditSink(Protocol):
     name: str
 
-    def recover(self, segment: str | None, offset: int) -> None:
-        """Bring the sink back to the last committed position (file sinks)."""
+    def recover(self, position: Position) -> Position:
+        """The true end of the sink's chain, from the committed ``position`` (file sinks:
+        adopting what was written past it; see the module docstring)."""
 
     def deliver(
         self,
@@ -124,21 +148,54 @@ class FileSink:
     def _segments(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("audit-*.jsonl") if _SEGMENT.match(p.name))
 
-    def recover(self, segment: str | None, offset: int) -> None:
-        """Delete what follows the committed position: segments made after it, bytes after
-        the committed offset of its segment."""
+    def recover(self, position: Position) -> Position:
+        """Adopt every complete record written past ``position``, after checking that it
+        continues the chain; cut only a partial last line. Raises SinkUnusable."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for path in self._segments():
-            if segment is None or path.name > segment:
-                path.unlink()
-        if segment is not None:
-            path = self.directory / segment
-            if not path.exists():
-                raise FleetError(f"audit sink {self.name}: committed segment {path} is missing")
-            if path.stat().st_size > offset:
-                with open(path, "r+b") as handle:
-                    handle.truncate(offset)
+        segments = [p.name for p in self._segments()]
+        where = f"audit sink {self.name} ({self.directory})"
+        if position.segment is None:
+            start, offset = 0, 0  # no state: the files, if any, are the chain from its start
+        elif position.segment not in segments:
+            raise SinkUnusable(
+                f"{where}: the committed segment {position.segment} is missing: restore it, "
+                "or move the directory away to start a new archive"
+            )
+        else:
+            start, offset = segments.index(position.segment), position.offset
+            size = (self.directory / position.segment).stat().st_size
+            if size < offset:
+                raise SinkUnusable(
+                    f"{where}: {position.segment} holds {size} bytes, fewer than the "
+                    f"{offset} committed: records were removed; restore it from a copy"
+                )
+        found = _Walk(position.seq, position.head)
+        for index in range(start, len(segments)):
+            name = segments[index]
+            path = self.directory / name
+            partial = found.read(
+                path, offset if index == start else 0, last=index == len(segments) - 1
+            )
+            if found.problem:
+                raise SinkUnusable(
+                    f"{where}: {found.problem}; the records there do not continue this sink's "
+                    "chain: verify them with `fleet audit verify`, then move them away"
+                )
+            if partial is not None:
+                with open(path, "r+b") as handle:  # a crash mid-write: the only cut
+                    handle.truncate(partial)
                     os.fsync(handle.fileno())
+        if not found.adopted:
+            return position
+        return replace(
+            position,
+            seq=found.seq,
+            head=found.head,
+            segment=found.segment,
+            offset=found.offset,
+            shipped=found.shipped,
+            adopted=found.adopted,
+        )
 
     def _next_segment(self, now: datetime) -> str:
         """Numbered across days, so that name order is chain order."""
@@ -170,6 +227,53 @@ class FileSink:
         return segment, offset + len(data)
 
 
+class _Walk:
+    """Reads records from a position on, checking that each continues the chain."""
+
+    def __init__(self, seq: int, head: str) -> None:
+        self.seq, self.head = seq, head
+        self.segment: str | None = None
+        self.offset = 0
+        self.shipped: dict[str, int] = {}
+        self.adopted = 0
+        self.problem: str | None = None
+
+    def read(self, path: Path, offset: int, last: bool) -> int | None:
+        """Walk ``path`` from ``offset``; returns the offset of a partial last line to cut
+        (only in the last segment), sets ``problem`` at the first record that breaks."""
+        from tasks.audit.events import event_hash
+
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            position = offset
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    if last:
+                        return position
+                    self.problem = f"{path.name}: a partial record at byte {position}"
+                    return None
+                label = f"{path.name} at byte {position}"
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    self.problem = f"{label}: not a JSON record"
+                    return None
+                if event.get("hash") != event_hash(event):
+                    self.problem = f"{label}: its hash does not match"
+                    return None
+                if event.get("seq") != self.seq + 1 or event.get("prev_hash") != self.head:
+                    self.problem = f"{label}: does not follow seq {self.seq}"
+                    return None
+                self.seq, self.head = int(event["seq"]), str(event["hash"])
+                position += len(line)
+                self.segment, self.offset = path.name, position
+                self.adopted += 1
+                source, _, number = str(event.get("event_id", "")).rpartition(":")
+                if event.get("source") != "checkpoint" and number.isdigit():
+                    self.shipped[source] = max(self.shipped.get(source, 0), int(number))
+        return None
+
+
 def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
@@ -190,8 +294,8 @@ class HttpSink:
         self.sleep = sleep
         self.client = httpx.Client(timeout=config.timeout_seconds, headers=dict(headers))
 
-    def recover(self, segment: str | None, offset: int) -> None:
-        return None
+    def recover(self, position: Position) -> Position:
+        return position  # a receiver keeps its own records (and drops repeats by event_id)
 
     def _body(self, events: Sequence[Mapping[str, Any]], data: bytes) -> tuple[bytes, str]:
         if self.config.format == "jsonl":

@@ -495,8 +495,8 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     NULLs, unicode, quotes, sensitive rows, malformed and JSONB metadata, every source."""
     from sqlalchemy import select
 
-    from tasks.audit import TABLES, _rendered_page
     from tasks.audit.events import Protector, canonical, render_document, render_values
+    from tasks.audit.reading import TABLES, _rendered_page
 
     whole = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
     rows = [

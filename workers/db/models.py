@@ -410,6 +410,8 @@ class AuditSinkState(Base):
     last_checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     stopped_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Incremented by each shipper that takes the sink; its writes check it is still theirs.
+    fence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class CanaryDeployment(Base):

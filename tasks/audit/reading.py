@@ -1,0 +1,113 @@
+"""Reading a source table for a sink: pages in id order from a cursor, contiguous up to
+the first gap, rendered to JSON by PostgreSQL and read ahead on a connection of their own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from psycopg import sql
+from sqlalchemy import DateTime, Table, select
+from sqlalchemy.orm import Session
+
+from workers.db.models import AUDIT_SOURCE_TABLES, UTCDateTime
+from workers.runtime import Runtime
+
+TABLES: dict[str, Table] = AUDIT_SOURCE_TABLES
+
+
+def _page(session: Session, table: Table, after: int, limit: int) -> Sequence[Sequence[Any]]:
+    """The next rows after id ``after`` (SQLite; PostgreSQL reads through :class:`_Pages`)."""
+    query = select(table).where(table.c.id > after).order_by(table.c.id).limit(limit)
+    return session.connection().execute(query).all()
+
+
+def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | None) -> int:
+    """How many leading ``rows`` follow ``last_id`` with no id missing, except below
+    ``gaps_upto`` (ids known to be final there)."""
+    expected = last_id + 1
+    limit = gaps_upto or 0
+    for index, row in enumerate(rows):
+        number = row[0]
+        if number != expected and number > limit:
+            return index
+        expected = number + 1
+    return len(rows)
+
+
+# A timestamptz as Python's datetime.isoformat() writes it in UTC (microseconds only when
+# there are some), so that rows rendered by PostgreSQL make the same events.
+_ISO_UTC = (
+    "to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN "
+    "date_part('microseconds', {c})::bigint %% 1000000 = 0 THEN '' "
+    "ELSE to_char({c} AT TIME ZONE 'UTC', '.US') END || '+00:00'"
+)
+
+
+def _rendered_page(
+    connection: Any, table: Table, after: int, limit: int
+) -> Sequence[Sequence[Any]]:
+    """PostgreSQL: the next rows after id ``after`` as ``(id, metadata, document)``, the
+    document every other column as one JSON object that PostgreSQL renders (on its own
+    core, while this process ships the page before)."""
+    fields: list[sql.Composable] = []
+    for column in table.c:
+        if column.name in ("metadata", "id"):
+            continue
+        name = sql.Identifier(column.name)
+        value = (
+            sql.SQL(_ISO_UTC).format(c=name)
+            if isinstance(column.type, DateTime | UTCDateTime)
+            else name
+        )
+        fields += [sql.Literal(column.name), value]
+    document = sql.SQL("json_build_object('id', id, {})::text").format(sql.SQL(", ").join(fields))
+    query = sql.SQL("SELECT id, metadata, {} FROM {} WHERE id > %s ORDER BY id LIMIT %s")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(query.format(document, sql.Identifier(table.name)), (after, limit))
+            rows: Sequence[Sequence[Any]] = cursor.fetchall()
+    finally:
+        connection.rollback()  # no transaction left open between pages
+    return rows
+
+
+class _Pages:
+    """A source's pages on PostgreSQL, on a connection of their own: while one page is
+    shipped, the next (after its last id) is read in a thread. A page asked for after any
+    other id (a gap stopped the batch short) is read then, and the one read ahead dropped.
+    Reading ahead is safe: audit rows are only ever appended, and the shipper holds the
+    sink's lock, so nothing but this run moves its cursors."""
+
+    def __init__(self, rt: Runtime, table: Table, batch_size: int) -> None:
+        self.table = table
+        self.batch_size = batch_size
+        self.pooled = rt.engine.raw_connection()
+        self.connection = self.pooled.driver_connection
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="audit-read-ahead")
+        self.ahead: tuple[int, Future[Sequence[Sequence[Any]]]] | None = None
+
+    def read(self, after: int) -> Sequence[Sequence[Any]]:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == after:
+            rows = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].exception()  # wait for it: the connection is shared
+            rows = _rendered_page(self.connection, self.table, after, self.batch_size)
+        if len(rows) == self.batch_size:
+            last = int(rows[-1][0])
+            self.ahead = (
+                last,
+                self.reader.submit(
+                    _rendered_page, self.connection, self.table, last, self.batch_size
+                ),
+            )
+        return rows
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].exception()
+        self.reader.shutdown(wait=True)
+        self.pooled.close()
