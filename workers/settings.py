@@ -121,6 +121,10 @@ class FleetSettings(BaseSettings):
 
     # Audit shipping.
     audit_hmac_key: SecretStr | None = Field(default=None, repr=False)
+    # Or the path (under the managed prefix) of a secret whose field "key" is the audit key.
+    audit_hmac_key_path: str | None = None
+    # Keys used before the current one, comma-separated: `fleet audit verify` accepts them.
+    audit_hmac_keys: SecretStr | None = Field(default=None, repr=False)
     audit_checkpoint_interval: timedelta = timedelta(hours=1)
     audit_batch_size: int = Field(default=5000, ge=1, le=100_000)
     # A shipper's lock on a sink, renewed while it lives: a killed one frees the sink in this.
@@ -150,6 +154,8 @@ class FleetSettings(BaseSettings):
         "vault_namespace",
         "secret_key",
         "audit_hmac_key",
+        "audit_hmac_key_path",
+        "audit_hmac_keys",
         "prometheus_url",
         "config_dir",
         "schedule_file",
@@ -318,7 +324,12 @@ class FleetSettings(BaseSettings):
         found = [url_password(self.database_url), url_password(self.redis_url)]
         with contextlib.suppress(OSError):
             found.append(self.vault_token_value())
-        for secret in (self.vault_secret_id, self.secret_key, self.audit_hmac_key):
+        for secret in (
+            self.vault_secret_id,
+            self.secret_key,
+            self.audit_hmac_key,
+            self.audit_hmac_keys,
+        ):
             if secret is not None:
                 found.append(secret.get_secret_value())
         for headers in self.audit_sink_headers.values():

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
 from tasks.audit.events import Protector
 from tasks.audit.shipper import Shipper
 from tasks.audit.sinks import (
@@ -44,19 +46,51 @@ log = get_logger("fleet.audit")
 TIME_LIMIT = 300
 
 
-def hmac_key(settings: FleetSettings) -> bytes:
-    """FLEET_AUDIT_HMAC_KEY, else a key generated once into FLEET_HOME/audit-hmac.key."""
+def hmac_key(settings: FleetSettings, engine: Engine | None = None) -> bytes:
+    """The fleet's one audit key: FLEET_AUDIT_HMAC_KEY; else the field ``key`` of the secret
+    at FLEET_AUDIT_HMAC_KEY_PATH in the fleet's secret store (Vault/OpenBao or the embedded
+    one); else, on SQLite only (one host, as the embedded default), a key generated once into
+    FLEET_HOME/audit-hmac.key. On a shared database each host would make its own key, and
+    checkpoints and digests would disagree between hosts: refused."""
     if settings.audit_hmac_key is not None:
-        return settings.audit_hmac_key.get_secret_value().encode()
-    path = settings.home / "audit-hmac.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(os.urandom(32).hex())
-    key = path.read_text().strip()
+        key = settings.audit_hmac_key.get_secret_value()
+    elif settings.audit_hmac_key_path is not None:
+        from tasks.secrets.stores import open_store
+
+        if engine is None:
+            raise PermanentError("FLEET_AUDIT_HMAC_KEY_PATH: the secret store needs the database")
+        data = open_store(settings, engine).read(settings.audit_hmac_key_path)
+        if not data.get("key"):
+            raise PermanentError(
+                f"FLEET_AUDIT_HMAC_KEY_PATH: the secret {settings.audit_hmac_key_path} has no "
+                "field 'key'"
+            )
+        key = data["key"]
+    elif not settings.sqlalchemy_url.startswith("sqlite"):
+        raise PermanentError(
+            "audit shipping on a shared database needs one key for the whole fleet: set "
+            "FLEET_AUDIT_HMAC_KEY, or FLEET_AUDIT_HMAC_KEY_PATH (a secret with a field 'key')"
+        )
+    else:
+        path = settings.home / "audit-hmac.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(os.urandom(32).hex())
+        key = path.read_text().strip()
     register_secret(key)
     return key.encode()
+
+
+def old_hmac_keys(settings: FleetSettings) -> list[bytes]:
+    """FLEET_AUDIT_HMAC_KEYS: keys used before the current one (verification only)."""
+    if settings.audit_hmac_keys is None:
+        return []
+    keys = [k.strip() for k in settings.audit_hmac_keys.get_secret_value().split(",")]
+    for key in keys:
+        register_secret(key)
+    return [k.encode() for k in keys if k]
 
 
 def sink_directory(settings: FleetSettings, config: _FileConfig) -> Path:
@@ -111,7 +145,7 @@ def ship(rt: Runtime, sink: str | None = None, budget_seconds: float = 240.0) ->
             f"audit.ship: no sink named {sink!r} "
             f"(configured: {', '.join(c.name for c in config.sinks)})"
         )
-    key = hmac_key(rt.settings)
+    key = hmac_key(rt.settings, rt.engine)
     protector = (
         Protector(key, config.sensitive_keys)
         if config.sensitive_keys is not None
@@ -130,7 +164,15 @@ def ship(rt: Runtime, sink: str | None = None, budget_seconds: float = 240.0) ->
                 results[target.name] = {"skipped": "another shipper holds this sink"}
                 continue
             results[target.name] = (
-                Shipper(rt, target, protector, key, rt.settings.audit_batch_size, deadline)
+                Shipper(
+                    rt,
+                    target,
+                    protector,
+                    key,
+                    rt.settings.audit_batch_size,
+                    deadline,
+                    old_hmac_keys(rt.settings),
+                )
                 .ship()
                 .as_dict()
             )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from workers.cli.common import FleetCliError, emit_json, json_option, settings_or_exit
+from workers.cli.common import FleetCliError, emit_json, json_option, start_runtime
 
 
 @click.group()
@@ -22,19 +22,43 @@ def audit() -> None:
     is_flag=True,
     help="The files may start mid-chain (older segments archived elsewhere).",
 )
+@click.option(
+    "--sink",
+    help="The sink these files belong to (default: the one its checkpoints name), to compare "
+    "the archive's end with the sink's state in the database.",
+)
+@click.option("--no-db", is_flag=True, help="Do not compare with the database's state.")
 @json_option
-def verify(paths: tuple[Path, ...], no_key: bool, partial: bool, as_json: bool) -> None:
-    """Check a file sink's directory or files: every hash, every link, every checkpoint.
+def verify(
+    paths: tuple[Path, ...],
+    no_key: bool,
+    partial: bool,
+    sink: str | None,
+    no_db: bool,
+    as_json: bool,
+) -> None:
+    """Check a file sink's directory or files: every hash, every link, every checkpoint,
+    and that the archive ends where the database says the sink's chain ends.
 
     Exits 1 naming the first broken record if any event was altered, removed, reordered
-    or inserted. Checkpoints are checked with the fleet's audit key (FLEET_AUDIT_HMAC_KEY
-    or FLEET_HOME/audit-hmac.key) unless --no-key.
+    or inserted, or if records were cut from the end (the sink's state in the database is
+    further on). Checkpoints are checked with the fleet's audit key (FLEET_AUDIT_HMAC_KEY
+    or FLEET_AUDIT_HMAC_KEY_PATH, or FLEET_HOME/audit-hmac.key on the embedded default) and
+    the older keys in FLEET_AUDIT_HMAC_KEYS (comma-separated), each checkpoint with the key it
+    names, unless --no-key.
     """
-    from tasks.audit import hmac_key
+    from tasks.audit import hmac_key, old_hmac_keys
+    from tasks.audit.verify import against_state
     from tasks.audit.verify import verify as check
 
-    key = None if no_key else hmac_key(settings_or_exit())
-    verdict = check(list(paths), key, from_start=not partial)
+    rt = start_runtime(start_embedded=False) if not (no_key and no_db) else None
+    keys: list[bytes] = []
+    if rt is not None and not no_key:
+        keys = [hmac_key(rt.settings, rt.engine), *old_hmac_keys(rt.settings)]
+    verdict = check(list(paths), keys, from_start=not partial)
+    compared = None
+    if verdict.ok and rt is not None and not no_db:
+        verdict, compared = against_state(verdict, rt, sink)
     if as_json:
         emit_json(
             {
@@ -43,6 +67,7 @@ def verify(paths: tuple[Path, ...], no_key: bool, partial: bool, as_json: bool) 
                 "checkpoints": verdict.checkpoints,
                 "problem": verdict.problem,
                 "head_seq": verdict.head_seq,
+                "compared_with_database": compared,
             }
         )
     if not verdict.ok:
@@ -51,6 +76,7 @@ def verify(paths: tuple[Path, ...], no_key: bool, partial: bool, as_json: bool) 
         click.echo(
             f"ok: {verdict.records} records, {verdict.checkpoints} checkpoints, "
             f"head seq {verdict.head_seq}"
+            + (f"; the database's state of sink {compared} agrees" if compared else "")
         )
 
 
@@ -58,7 +84,7 @@ def verify(paths: tuple[Path, ...], no_key: bool, partial: bool, as_json: bool) 
 @click.argument("sink")
 def resume(sink: str) -> None:
     """Resume a sink stopped after a permanent refusal (fix the cause first)."""
-    from workers.cli.common import start_runtime
+
     from workers.db.models import AuditSinkState
 
     rt = start_runtime(start_embedded=False)

@@ -178,18 +178,24 @@ class Chain:
         return b'%s,"hash":"%s"}\n' % (body[:-1], self.head.encode())
 
     def checkpoint(self, key: bytes, now: datetime, sink: str) -> Checkpoint:
-        """A record signing the head so far, chained like any event."""
+        """A record signing the head so far, chained like any event; it names the key."""
         signed = f"{sink}:{self.seq}:{self.head}:{now.isoformat()}"
         event = {
             "event_id": f"checkpoint:{sink}:{self.seq + 1}",
             "source": "checkpoint",
             "sink": sink,
+            "key_id": key_id(key),
             "signed_seq": self.seq,
             "signed_hash": self.head,
             "signed_at": now.isoformat(),
             "hmac": hmac.new(key, signed.encode(), hashlib.sha256).hexdigest(),
         }
         return Checkpoint(event, self.link(event))
+
+
+def key_id(key: bytes) -> str:
+    """A key's public name: which key signed a checkpoint, without revealing it."""
+    return "k-" + hashlib.sha256(b"config-fleet audit key id:" + key).hexdigest()[:12]
 
 
 def lines(events: Iterable[Mapping[str, Any]]) -> bytes:

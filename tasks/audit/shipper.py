@@ -21,6 +21,7 @@ from tasks.audit.events import (
     SOURCES,
     Chain,
     Protector,
+    key_id,
     render_document,
     render_values,
 )
@@ -62,6 +63,10 @@ class SinkRun:
 
 class SinkFenced(FleetError):
     """Another shipper took the sink (this one lost its lease): stop, write nothing."""
+
+
+class SinkKeyMismatch(FleetError):
+    """The sink's chain is signed with another key than this shipper's."""
 
 
 class SinkBusy(FleetError):
@@ -111,8 +116,10 @@ class Shipper:
         key: bytes,
         batch_size: int,
         deadline: float,
+        old_keys: Sequence[bytes] = (),
     ) -> None:
         self.rt = rt
+        self.old_key_ids = {key_id(k) for k in old_keys}
         self.sink = sink
         self.protector = protector
         self.key = key
@@ -144,6 +151,16 @@ class Shipper:
                 return
             # The fence: from now on every write of this sink checks it is still ours.
             state.fence = self.fence = state.fence + 1
+            mine = key_id(self.key)
+            if state.key_id in self.old_key_ids:  # the key was rotated: sign with the new one
+                log.warning("audit_key_rotated", sink=self.sink.name, old=state.key_id, new=mine)
+            elif state.key_id is not None and state.key_id != mine:
+                raise SinkKeyMismatch(
+                    f"audit sink {self.sink.name}: its chain is signed with key {state.key_id}, "
+                    f"this shipper has key {mine}: give every host the fleet's one key "
+                    "(FLEET_AUDIT_HMAC_KEY or FLEET_AUDIT_HMAC_KEY_PATH)"
+                )
+            state.key_id = mine
             self._adopt(session, state)
         for source in SOURCES:
             pages = self._pages(source)
@@ -377,6 +394,8 @@ def _failure_kind(exc: BaseException) -> str:
         return "unavailable"
     if isinstance(exc, SinkUnusable):
         return "unusable"
+    if isinstance(exc, SinkKeyMismatch):
+        return "key"
     if isinstance(exc, OSError):
         return "io"
     return "error"

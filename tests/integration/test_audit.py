@@ -30,6 +30,8 @@ from workers.db.models import ConfigurationAuditLog, FeatureFlagAuditLog
 from workers.runtime import Runtime, install
 from workers.settings import FleetSettings
 
+# The fleet's one audit key (required on a shared database).
+AUDIT_KEY = "test-fleet-audit-key-4711"
 FILE_SINK = "sinks:\n  - {name: archive, type: file, path: %s, max_bytes: 4096}\n"
 
 
@@ -56,6 +58,7 @@ def rt(postgres_url: str, redis_url: str, tmp_path: Path, archive: Path) -> Iter
                 redis_url=redis_url,
                 config_dir=config,
                 audit_batch_size=50,
+                audit_hmac_key=AUDIT_KEY,
             )
         )
     )
@@ -177,6 +180,7 @@ def shipper_env(postgres_url: str, redis_url: str, tmp_path: Path, config: Path)
         FLEET_REDIS_URL=redis_url,
         FLEET_HOME=str(tmp_path / "home"),
         FLEET_CONFIG_DIR=str(config),
+        FLEET_AUDIT_HMAC_KEY=AUDIT_KEY,
         PYTHONPATH=str(ROOT),
     )
     return env
@@ -292,6 +296,7 @@ def http_runtime(
                 redis_url=redis_url,
                 config_dir=config,
                 audit_batch_size=50,
+                audit_hmac_key=AUDIT_KEY,
                 audit_sink_headers={"siem": {"Authorization": "Bearer tok-siem-77"}},
             )
         )
@@ -358,6 +363,8 @@ def test_verify_cli_names_the_broken_record(rt: Runtime, archive: Path, tmp_path
     ship(rt)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["FLEET_HOME"] = str(tmp_path / "home")
+    env["FLEET_AUDIT_HMAC_KEY"] = AUDIT_KEY
+    env["FLEET_DATABASE_URL"] = rt.settings.database_url or ""
     ok = run_fleet("audit", "verify", str(archive), env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 35 records"), ok.stderr
     first = sorted(archive.glob("*.jsonl"))[0]

@@ -6,22 +6,29 @@ leaves the other sinks shipping, with its state and metrics saying why."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
+from pydantic import SecretStr
 from sqlalchemy import delete, select
 
 from tasks.audit import hmac_key, ship
-from tasks.audit.verify import verify
+from tasks.audit.events import GENESIS, Chain
+from tasks.audit.verify import against_state, verify
 from tests.helpers import ROOT, fleet_gauge, wait_for
 from tests.integration.test_audit import (
+    AUDIT_KEY,
     add_events,
     assert_exactly_once_in_order,
     config_with,
@@ -53,6 +60,7 @@ def make_rt(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[objec
                     redis_url=redis_url,
                     config_dir=config,
                     audit_batch_size=50,
+                    audit_hmac_key=AUDIT_KEY,
                 )
             )
         )
@@ -233,6 +241,7 @@ def shipper_env(rt: Runtime) -> dict[str, str]:
         FLEET_CONFIG_DIR=str(settings.configuration_dir),
         FLEET_AUDIT_BATCH_SIZE="50",
         FLEET_AUDIT_LOCK_TTL="2",
+        FLEET_AUDIT_HMAC_KEY=AUDIT_KEY,
         FLEET_LOG_FORMAT="json",
         PYTHONPATH=str(ROOT),
     )
@@ -287,3 +296,164 @@ def test_a_shipper_stopped_past_its_lease_cannot_fork_the_chain(
     ship(rt)  # whatever is left
     assert verify([archive], hmac_key(rt.settings)).ok
     assert_exactly_once_in_order(ids(shipped(archive)), expected_ids(3000, 3, 1))
+
+
+# One key per fleet --------------------------------------------------------------------------
+
+
+def test_a_shared_database_needs_the_fleets_one_key(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    config = config_with(tmp_path, ONE % ("archive", tmp_path / "archive"))
+    settings = FleetSettings(
+        home=tmp_path / "home", database_url=postgres_url, redis_url=redis_url, config_dir=config
+    )
+    rt = install(Runtime(settings))
+    try:
+        with pytest.raises(PermanentError, match="FLEET_AUDIT_HMAC_KEY"):
+            ship(rt)
+        assert not (tmp_path / "home" / "audit-hmac.key").exists()  # no key of its own
+        # The key may live in the fleet's secret store instead.
+        from tasks.secrets.stores import open_store
+
+        open_store(settings, rt.engine).write("audit/hmac", {"key": "stored-fleet-key-0042"})
+        from_store = settings.model_copy(update={"audit_hmac_key_path": "audit/hmac"})
+        assert hmac_key(from_store, rt.engine) == b"stored-fleet-key-0042"
+    finally:
+        rt.close()
+
+
+def test_a_shipper_with_another_key_is_refused_until_the_key_is_rotated(
+    make_rt: object, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    rt = make_rt(ONE % ("archive", archive))  # type: ignore[operator]
+    add_events(rt, 20)
+    ship(rt)
+    before = archive_bytes(archive)
+    other = rt.settings.model_copy(update={"audit_hmac_key": SecretStr("another-hosts-key-9999")})
+    rt_other = install(Runtime(other))
+    try:
+        add_events(rt_other, 5, start=20)
+        result = ship(rt_other)["sinks"]["archive"]
+        assert "signed with key" in result["error"]
+        assert archive_bytes(archive) == before  # nothing written with the wrong key
+        row = sink_row(rt_other, "archive")
+        assert row is not None and (row.detail or "").startswith("key:")
+        # Rotating: the old key listed as an old one, the new one signs from now on.
+        rotated = other.model_copy(update={"audit_hmac_keys": SecretStr(AUDIT_KEY)})
+        rt_rotated = install(Runtime(rotated))
+        try:
+            assert ship(rt_rotated)["sinks"]["archive"]["error"] is None
+            assert verify([archive], [b"another-hosts-key-9999", AUDIT_KEY.encode()]).ok
+        finally:
+            rt_rotated.close()
+    finally:
+        rt_other.close()
+    assert_exactly_once_in_order(ids(shipped(archive)), expected_ids(25, 6, 2))
+
+
+# Verification that catches truncation and rewrites ------------------------------------------
+
+
+def relink(records: list[dict[str, object]]) -> list[bytes]:
+    """Records chained anew from the start, as a forger without the key would."""
+    chain = Chain(0, GENESIS)
+    return [
+        chain.link({k: v for k, v in r.items() if k not in ("seq", "prev_hash", "hash")})
+        for r in records
+    ]
+
+
+def _edit_first(directory: Path, change: Callable[[list[bytes]], None]) -> None:
+    first = sorted(directory.glob("*.jsonl"))[0]
+    lines = first.read_bytes().splitlines(keepends=True)
+    change(lines)
+    first.write_bytes(b"".join(lines))
+
+
+def _swap(lines: list[bytes]) -> None:
+    lines[3], lines[4] = lines[4], lines[3]
+
+
+def _cut_end(directory: Path, before_checkpoint: bool) -> None:
+    last = sorted(directory.glob("*.jsonl"))[-1]
+    lines = last.read_bytes().splitlines(keepends=True)
+    keep = len(lines) - 2
+    if before_checkpoint:
+        sources = [orjson.loads(line)["source"] for line in lines]
+        keep = max(i for i, source in enumerate(sources) if source == "checkpoint")
+    last.write_bytes(b"".join(lines[:keep]))
+
+
+def _rewrite(directory: Path, forge: bool) -> None:
+    files = sorted(directory.glob("*.jsonl"))
+    records = [orjson.loads(line) for f in files for line in f.read_bytes().splitlines()]
+    if forge:  # the last checkpoint signed again with a key that is not the fleet's
+        at = max(i for i, r in enumerate(records) if r["source"] == "checkpoint")
+        signed = "{sink}:{signed_seq}:{signed_hash}:{signed_at}".format(**records[at])
+        mac = hmac.new(b"not-the-fleets-key", signed.encode(), hashlib.sha256)
+        records[at]["hmac"] = mac.hexdigest()
+    else:  # an event edited, checkpoints (which need the key) dropped, all links redone
+        records = [r for r in records if r["source"] != "checkpoint"]
+        records[0]["key"] = "key.rewritten"
+    for f in files:
+        f.unlink()
+    (directory / files[0].name).write_bytes(b"".join(relink(records)))
+
+
+def _second(directory: Path) -> Path:
+    return sorted(directory.glob("*.jsonl"))[1]
+
+
+TAMPER: dict[str, Callable[[Path], None]] = {
+    "field edited": lambda d: _edit_first(
+        d, lambda lines: lines.__setitem__(4, lines[4].replace(b'"SET"', b'"DELETE"'))
+    ),
+    "line removed": lambda d: _edit_first(d, lambda lines: lines.__delitem__(3)),
+    "lines reordered": lambda d: _edit_first(d, _swap),
+    "line inserted": lambda d: _edit_first(d, lambda lines: lines.insert(3, lines[5])),
+    "segment deleted": lambda d: _second(d).unlink(),
+    "segment inserted": lambda d: (
+        d / (sorted(d.glob("*.jsonl"))[0].name[:-6] + "a.jsonl")
+    ).write_bytes(_second(d).read_bytes()),
+    "tail cut": lambda d: _cut_end(d, before_checkpoint=False),
+    "cut before the last checkpoint": lambda d: _cut_end(d, before_checkpoint=True),
+    "chain rewritten without the key": lambda d: _rewrite(d, forge=False),
+    "checkpoint forged with another key": lambda d: _rewrite(d, forge=True),
+}
+
+
+def test_every_kind_of_tampering_is_reported(make_rt: object, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    sinks = f"sinks:\n  - {{name: archive, type: file, path: {archive}, max_bytes: 4096}}\n"
+    rt = make_rt(sinks)  # type: ignore[operator]
+    rt = Runtime(rt.settings.model_copy(update={"audit_checkpoint_interval": timedelta(0)}))
+    try:
+        add_events(rt, 80)
+        ship(rt)
+        add_events(rt, 10, start=80)
+        ship(rt)
+        keys = [AUDIT_KEY.encode()]
+
+        def problem(directory: Path) -> str | None:
+            verdict = verify([directory], keys)
+            if verdict.ok:
+                verdict, compared = against_state(verdict, rt, "archive")
+                assert compared == "archive"
+            return verdict.problem
+
+        assert len(list(archive.glob("*.jsonl"))) >= 3
+        assert problem(archive) is None  # untouched: it verifies
+        found = {}
+        for kind, tamper in TAMPER.items():
+            copy = tmp_path / kind.replace(" ", "-")
+            shutil.copytree(archive, copy)
+            tamper(copy)
+            found[kind] = problem(copy)
+        assert [kind for kind, reported in found.items() if not reported] == []
+        assert "cut from the end" in (found["tail cut"] or "")
+        assert "cut from the end" in (found["cut before the last checkpoint"] or "")
+        assert "signature is wrong" in (found["checkpoint forged with another key"] or "")
+    finally:
+        rt.close()

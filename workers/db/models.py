@@ -412,6 +412,8 @@ class AuditSinkState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Incremented by each shipper that takes the sink; its writes check it is still theirs.
     fence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The id of the key its checkpoints are signed with (tasks.audit.events.key_id).
+    key_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class CanaryDeployment(Base):
