@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from workers.cli.common import FleetCliError, emit_json, json_option, start_runtime
+from workers.cli.common import (
+    FleetCliError,
+    emit_json,
+    json_option,
+    settings_or_exit,
+    start_runtime,
+)
 
 
 @click.group()
@@ -28,6 +35,12 @@ def audit() -> None:
     "the archive's end with the sink's state in the database.",
 )
 @click.option("--no-db", is_flag=True, help="Do not compare with the database's state.")
+@click.option(
+    "--as-of",
+    type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    help="When these files were copied (UTC unless an offset is given), for an archive kept "
+    "elsewhere: its last checkpoint must be recent as of then. Default: now.",
+)
 @json_option
 def verify(
     paths: tuple[Path, ...],
@@ -35,6 +48,7 @@ def verify(
     partial: bool,
     sink: str | None,
     no_db: bool,
+    as_of: datetime | None,
     as_json: bool,
 ) -> None:
     """Check a file sink's directory or files: every hash, every link, every checkpoint,
@@ -52,10 +66,19 @@ def verify(
     from tasks.audit.verify import verify as check
 
     rt = start_runtime(start_embedded=False) if not (no_key and no_db) else None
+    settings = rt.settings if rt is not None else settings_or_exit()
     keys: list[bytes] = []
     if rt is not None and not no_key:
         keys = [hmac_key(rt.settings, rt.engine), *old_hmac_keys(rt.settings)]
-    verdict = check(list(paths), keys, from_start=not partial)
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    verdict = check(
+        list(paths),
+        keys,
+        from_start=not partial,
+        interval=settings.audit_checkpoint_interval,
+        as_of=as_of,
+    )
     compared = None
     if verdict.ok and rt is not None and not no_db:
         verdict, compared = against_state(verdict, rt, sink)

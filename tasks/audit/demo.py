@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tasks.audit import hmac_key
-from tasks.audit.verify import verify
+from tasks.audit.verify import Verdict, verify
 from workers.runtime import Runtime
 
 
@@ -26,8 +26,12 @@ class AuditAct:
     def _directory(self, rt: Runtime) -> Path:
         return rt.settings.home / "audit"
 
+    def _verify(self, rt: Runtime) -> Verdict:
+        interval = rt.settings.audit_checkpoint_interval
+        return verify([self._directory(rt)], hmac_key(rt.settings), interval=interval)
+
     def status(self, rt: Runtime) -> str:
-        verdict = verify([self._directory(rt)], hmac_key(rt.settings))
+        verdict = self._verify(rt)
         state = "chain verified" if verdict.ok else f"BROKEN: {verdict.problem}"
         return (
             f"audit: {verdict.records} records in {self._directory(rt)}, "
@@ -35,7 +39,7 @@ class AuditAct:
         )
 
     def problems(self, rt: Runtime) -> list[str]:
-        verdict = verify([self._directory(rt)], hmac_key(rt.settings))
+        verdict = self._verify(rt)
         if not verdict.ok:
             return [f"audit: the shipped file does not verify: {verdict.problem}"]
         if verdict.records == 0:

@@ -170,7 +170,7 @@ class Shipper:
             finally:
                 if pages is not None:
                     pages.close()
-        self._checkpoint_if_due(force=False)
+        self._end_signed()
         with self.rt.sessions.begin() as session:
             _record_sink(session, self.sink.name, True)
 
@@ -371,11 +371,15 @@ class Shipper:
         interval = self.rt.settings.audit_checkpoint_interval
         return state.last_checkpoint_at is None or now - state.last_checkpoint_at >= interval
 
-    def _checkpoint_if_due(self, force: bool) -> None:
+    def _end_signed(self) -> None:
+        """Every run ends with a checkpoint of the head (unless the head is one already and
+        the interval has not passed): what a run shipped is signed when it ends, and an idle
+        sink still gets a checkpoint every interval, so that an archive whose last checkpoint
+        is older than the interval has lost its end (``fleet audit verify``)."""
         now = datetime.now(UTC)
         with self.rt.sessions.begin() as session:
             state = self._owned(session, now)
-            if state.seq == 0 or not (force or self._due(state, now)):
+            if state.seq == 0 or (_head_signed(state) and not self._due(state, now)):
                 return
             chain = Chain(state.seq, state.head_hash)
             checkpoint = chain.checkpoint(self.key, now, self.sink.name)
@@ -385,6 +389,13 @@ class Shipper:
             state.seq, state.head_hash = chain.seq, chain.head
             state.last_checkpoint_at = state.updated_at = now
         self.run.checkpoints += 1
+
+
+def _head_signed(state: AuditSinkState) -> bool:
+    """Whether the chain's last record is a checkpoint: a checkpoint is written last in its
+    transaction and stamps the state's ``updated_at`` and ``last_checkpoint_at`` alike; any
+    later record (or an adoption) moves ``updated_at`` alone."""
+    return state.last_checkpoint_at is not None and state.last_checkpoint_at == state.updated_at
 
 
 def _failure_kind(exc: BaseException) -> str:

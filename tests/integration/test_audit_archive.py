@@ -298,6 +298,26 @@ def test_a_shipper_stopped_past_its_lease_cannot_fork_the_chain(
     assert_exactly_once_in_order(ids(shipped(archive)), expected_ids(3000, 3, 1))
 
 
+def test_every_run_ends_with_a_checkpoint(make_rt: object, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    rt = make_rt(ONE % ("archive", archive))  # type: ignore[operator]
+    interval = rt.settings.audit_checkpoint_interval  # an hour: never due again in this test
+
+    def last_sources(count: int) -> list[str]:
+        return [r["source"] for r in shipped(archive)][-count:]
+
+    add_events(rt, 120)  # three batches of 50: the first carries the first checkpoint
+    assert ship(rt)["sinks"]["archive"]["checkpoints"] == 2  # and the end is signed
+    assert last_sources(1) == ["checkpoint"]
+    checkpoints = ship(rt)["sinks"]["archive"]["checkpoints"]
+    assert checkpoints == 0  # idle, and the head is signed: nothing to add
+    add_events(rt, 5, start=120)
+    assert ship(rt)["sinks"]["archive"]["checkpoints"] == 1
+    assert last_sources(2)[0] != "checkpoint" and last_sources(1) == ["checkpoint"]
+    assert [r["source"] for r in shipped(archive)].count("checkpoint") == 3
+    assert verify([archive], hmac_key(rt.settings), interval=interval).ok
+
+
 # One key per fleet --------------------------------------------------------------------------
 
 
@@ -437,7 +457,7 @@ def test_every_kind_of_tampering_is_reported(make_rt: object, tmp_path: Path) ->
         keys = [AUDIT_KEY.encode()]
 
         def problem(directory: Path) -> str | None:
-            verdict = verify([directory], keys)
+            verdict = verify([directory], keys, interval=rt.settings.audit_checkpoint_interval)
             if verdict.ok:
                 verdict, compared = against_state(verdict, rt, "archive")
                 assert compared == "archive"

@@ -4,7 +4,7 @@ sensitive values, malformed rows, and tampering of every kind caught by verify."
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tasks.audit.events import GENESIS, Chain, Protector, canonical, event_hash, lines, render
-from tasks.audit.verify import verify
+from tasks.audit.verify import CHECKPOINT_SLACK, verify
 
 KEY = b"audit-test-key"
 NOW = datetime(2026, 5, 1, 12, tzinfo=UTC)
@@ -203,3 +203,54 @@ def test_partial_verification_starts_mid_chain(tmp_path: Path) -> None:
     later = tmp_path / "audit-20260501-000002.jsonl"
     assert not verify([later], KEY).ok
     assert verify([later], KEY, from_start=False).ok
+
+
+# The end of the archive: every run ends with a checkpoint, one comes every interval -------
+
+HOUR = timedelta(hours=1)
+
+
+def write_hours(directory: Path) -> None:
+    """Three runs an hour apart, each ending with a checkpoint, and an idle hour's
+    checkpoint after them (as the shipper writes them)."""
+    chain, out = Chain(0, GENESIS), []
+    for run in range(3):
+        out += [chain.link({"event_id": f"s:{run}{i}", "source": "s"}) for i in range(3)]
+        out.append(chain.checkpoint(KEY, NOW + run * HOUR, "archive").line)
+    out.append(chain.checkpoint(KEY, NOW + 3 * HOUR, "archive").line)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "audit-20260501-000001.jsonl").write_bytes(b"".join(out))
+
+
+def _cut(directory: Path, lines_kept: int) -> None:
+    path = directory / "audit-20260501-000001.jsonl"
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:lines_kept]))
+
+
+@pytest.mark.parametrize(
+    ("kept", "problem"),
+    [
+        (13, None),  # untouched: its last checkpoint is 10 minutes old
+        (12, "the last checkpoint was signed at 2026-05-01T14:00:00+00:00, 1 h 10 min before"),
+        (11, "(seq 9, s:20), the first record after it, and what follows are unsigned"),
+        (7, "(seq 5, s:10), the first record after it"),  # cut before a run's checkpoint
+        (3, "(seq 1, s:00): no checkpoint signs any record"),
+    ],
+)
+def test_an_archive_whose_end_was_cut_is_caught_without_the_database(
+    tmp_path: Path, kept: int, problem: str | None
+) -> None:
+    write_hours(tmp_path)
+    _cut(tmp_path, kept)
+    verdict = verify([tmp_path], KEY, interval=HOUR, as_of=NOW + 3 * HOUR + timedelta(minutes=10))
+    assert verdict.ok is (problem is None)
+    assert problem is None or problem in (verdict.problem or ""), verdict.problem
+
+
+def test_the_end_is_judged_as_of_the_time_given(tmp_path: Path) -> None:
+    write_hours(tmp_path)
+    later = NOW + 4 * HOUR + CHECKPOINT_SLACK
+    assert verify([tmp_path], KEY, interval=HOUR, as_of=later).ok  # just in time
+    late = verify([tmp_path], KEY, interval=HOUR, as_of=later + timedelta(seconds=1))
+    assert not late.ok and "or the shipper has not run since" in (late.problem or "")
+    assert verify([tmp_path], KEY).ok  # no interval given: links and signatures only
