@@ -8,10 +8,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import DateTime, Table, select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
-from workers.db.models import AUDIT_SOURCE_TABLES, UTCDateTime
+from workers.db.models import AUDIT_SOURCE_TABLES
 from workers.runtime import Runtime
 
 TABLES: dict[str, Table] = AUDIT_SOURCE_TABLES
@@ -36,37 +36,42 @@ def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | No
     return len(rows)
 
 
-# A timestamptz as Python's datetime.isoformat() writes it in UTC (microseconds only when
-# there are some), so that rows rendered by PostgreSQL make the same events.
-_ISO_UTC = (
-    "to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN "
-    "date_part('microseconds', {c})::bigint %% 1000000 = 0 THEN '' "
-    "ELSE to_char({c} AT TIME ZONE 'UTC', '.US') END || '+00:00'"
-)
-
-
 def _rendered_page(
     connection: Any, table: Table, after: int, limit: int
 ) -> Sequence[Sequence[Any]]:
-    """PostgreSQL: the next rows after id ``after`` as ``(id, metadata, document)``, the
-    document every other column as one JSON object that PostgreSQL renders (on its own
-    core, while this process ships the page before)."""
+    """PostgreSQL: the next rows after id ``after`` as ``(id, metadata, sensitive,
+    document)``, texts as UTF-8 bytes: the document is every other column, ``event_id`` and
+    ``source``, as one JSON object that PostgreSQL renders (on its own core, while this
+    process ships the page before)."""
     fields: list[sql.Composable] = []
     for column in table.c:
-        if column.name in ("metadata", "id"):
-            continue
-        name = sql.Identifier(column.name)
-        value = (
-            sql.SQL(_ISO_UTC).format(c=name)
-            if isinstance(column.type, DateTime | UTCDateTime)
-            else name
-        )
-        fields += [sql.Literal(column.name), value]
-    document = sql.SQL("json_build_object('id', id, {})::text").format(sql.SQL(", ").join(fields))
-    query = sql.SQL("SELECT id, metadata, {} FROM {} WHERE id > %s ORDER BY id LIMIT %s")
+        if column.name not in ("metadata", "id"):
+            fields += [sql.Literal(column.name), sql.Identifier(column.name)]
+    fields += [
+        sql.Literal("event_id"),
+        sql.SQL("{} || id").format(sql.Literal(f"{table.name}:")),
+        sql.Literal("source"),
+        sql.Literal(table.name),
+    ]
+    document = sql.SQL("convert_to(json_build_object('id', id, {})::text, 'UTF8')").format(
+        sql.SQL(", ").join(fields)
+    )
+    sensitive = sql.SQL("sensitive" if "sensitive" in table.c else "false")
+    # Texts as bytea, results in binary: the bytes as PostgreSQL wrote them, never decoded.
+    # The page is chosen first, then rendered: however the planner reads the table (an
+    # index scan, or a scan and a sort when its statistics are off), only the page's rows
+    # are rendered.
+    query = sql.SQL(
+        "SELECT id, convert_to(metadata::text, 'UTF8'), {}, {} FROM "
+        "(SELECT * FROM {} WHERE id > %s ORDER BY id LIMIT %s) AS page ORDER BY id"
+    )
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(query.format(document, sql.Identifier(table.name)), (after, limit))
+        with connection.cursor(binary=True) as cursor:
+            # Timestamps in UTC, as PostgreSQL's JSON writes them (see events.iso_utc).
+            cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+            cursor.execute(
+                query.format(sensitive, document, sql.Identifier(table.name)), (after, limit)
+            )
             rows: Sequence[Sequence[Any]] = cursor.fetchall()
     finally:
         connection.rollback()  # no transaction left open between pages

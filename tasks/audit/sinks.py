@@ -21,11 +21,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import httpx
 import orjson
@@ -127,7 +127,6 @@ class AuditSink(Protocol):
 
     def deliver(
         self,
-        events: Sequence[Mapping[str, Any]],
         data: bytes,
         segment: str | None,
         offset: int,
@@ -206,7 +205,6 @@ class FileSink:
 
     def deliver(
         self,
-        events: Sequence[Mapping[str, Any]],
         data: bytes,
         segment: str | None,
         offset: int,
@@ -241,7 +239,7 @@ class _Walk:
     def read(self, path: Path, offset: int, last: bool) -> int | None:
         """Walk ``path`` from ``offset``; returns the offset of a partial last line to cut
         (only in the last segment), sets ``problem`` at the first record that breaks."""
-        from tasks.audit.events import event_hash
+        from tasks.audit.events import line_hash
 
         with open(path, "rb") as handle:
             handle.seek(offset)
@@ -258,7 +256,8 @@ class _Walk:
                 except orjson.JSONDecodeError:
                     self.problem = f"{label}: not a JSON record"
                     return None
-                if event.get("hash") != event_hash(event):
+                stated = line_hash(line)
+                if stated is None or event.get("hash") != stated:
                     self.problem = f"{label}: its hash does not match"
                     return None
                 if event.get("seq") != self.seq + 1 or event.get("prev_hash") != self.head:
@@ -297,12 +296,13 @@ class HttpSink:
     def recover(self, position: Position) -> Position:
         return position  # a receiver keeps its own records (and drops repeats by event_id)
 
-    def _body(self, events: Sequence[Mapping[str, Any]], data: bytes) -> tuple[bytes, str]:
+    def _body(self, data: bytes) -> tuple[bytes, str]:
         if self.config.format == "jsonl":
             return data, "application/x-ndjson"
         streams: dict[str, list[list[str]]] = {}
         now_ns = str(time.time_ns())
-        for event, line in zip(events, data.splitlines(), strict=True):
+        for line in data.split(b"\n")[:-1]:
+            event = orjson.loads(line)
             stamp = event.get("timestamp")
             nanos = now_ns
             if isinstance(stamp, str):
@@ -322,13 +322,12 @@ class HttpSink:
 
     def deliver(
         self,
-        events: Sequence[Mapping[str, Any]],
         data: bytes,
         segment: str | None,
         offset: int,
         now: datetime,
     ) -> tuple[str | None, int]:
-        body, content_type = self._body(events, data)
+        body, content_type = self._body(data)
         attempt, last = 0, "no attempt"
         while attempt < self.config.max_attempts:
             if attempt:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from tasks.audit.events import GENESIS, event_hash, key_id
+from tasks.audit.events import GENESIS, key_id, line_hash
 
 # Beyond the checkpoint interval, how late the last checkpoint may be before the end of an
 # archive counts as cut: a checkpoint comes with the first run (every 30 s by default) after
@@ -89,7 +89,7 @@ def verify(
             seq, head = int(event.get("seq", 1)) - 1, str(event.get("prev_hash"))
         first = False
         checkpoint = event.get("source") == "checkpoint"
-        problem = _link_problem(event, seq, head) or (
+        problem = _link_problem(event, line, seq, head) or (
             _checkpoint_problem(event, seq, head, keys) if checkpoint else None
         )
         if problem:
@@ -109,8 +109,9 @@ def verify(
     return Verdict(True, count, checkpoints, head_seq=seq, head_hash=head, sink=sink)
 
 
-def _link_problem(event: dict[str, Any], seq: int, head: str) -> str | None:
-    if event.get("hash") != event_hash(event):
+def _link_problem(event: dict[str, Any], line: bytes, seq: int, head: str) -> str | None:
+    stated = line_hash(line)
+    if stated is None or event.get("hash") != stated:
         return "altered (its hash does not match)"
     if event.get("seq") != seq + 1:
         return f"expected seq {seq + 1} (a record was removed, reordered or inserted)"

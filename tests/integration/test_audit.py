@@ -251,6 +251,7 @@ class Receiver:
         self.plan = plan  # per request: "500", "timeout", "400", else 204
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.bodies: list[bytes] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -268,6 +269,7 @@ class Receiver:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                receiver.bodies.append(body)
                 receiver.received.extend(orjson.loads(line) for line in body.splitlines())
                 self.send_response(204)
                 self.end_headers()
@@ -282,10 +284,15 @@ class Receiver:
 
 
 def http_runtime(
-    postgres_url: str, redis_url: str, tmp_path: Path, receiver: Receiver, attempts: int = 6
+    postgres_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    attempts: int = 6,
+    form: str = "jsonl",
 ) -> Runtime:
     sink = (
-        f"{{name: siem, type: http, url: {receiver.url}, timeout_seconds: 0.5, "
+        f"{{name: siem, type: http, url: {receiver.url}, timeout_seconds: 0.5, format: {form}, "
         f"max_attempts: {attempts}, backoff_base_seconds: 0.01, backoff_cap_seconds: 0.05}}"
     )
     config = config_with(tmp_path, f"sinks:\n  - {sink}\n")
@@ -327,6 +334,38 @@ def test_an_http_sink_that_fails_and_times_out_loses_nothing(
         assert [i for i in unique if not i.startswith("checkpoint")] == expected_ids(120, 3, 1)
         assert receiver.headers[0]["Authorization"] == "Bearer tok-siem-77"
         assert fleet_gauge(rt.sessions, "fleet_audit_sink_up", {"sink": "siem"}) == 1
+    finally:
+        receiver.close()
+        rt.close()
+
+
+def test_a_loki_sink_gets_each_record_as_written_in_its_source_stream(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from tasks.audit.events import line_hash
+
+    receiver = Receiver([])
+    rt = http_runtime(postgres_url, redis_url, tmp_path, receiver, form="loki")
+    try:
+        add_events(rt, 12)
+        assert ship(rt)["sinks"]["siem"]["error"] is None
+        streams = [s for body in receiver.bodies for s in orjson.loads(body)["streams"]]
+        by_source: dict[str, list[str]] = {}
+        for stream in streams:
+            labels = stream["stream"]
+            assert labels["job"] == "config-fleet-audit" and labels["sink"] == "siem"
+            for nanos, line in stream["values"]:
+                event = orjson.loads(line)
+                assert event["source"] == labels["source"]
+                assert line_hash(line.encode() + b"\n") == event["hash"]  # as written
+                if "timestamp" in event:  # the event's own time, in nanoseconds
+                    stamp = datetime.fromisoformat(event["timestamp"]).timestamp()
+                    assert int(nanos) == int(stamp * 1e9)
+                by_source.setdefault(labels["source"], []).append(event["event_id"])
+        shipped_ids = [i for ids_ in by_source.values() for i in ids_]
+        assert sorted(i for i in shipped_ids if not i.startswith("checkpoint")) == sorted(
+            expected_ids(12, 3, 1)
+        )
     finally:
         receiver.close()
         rt.close()
@@ -503,12 +542,21 @@ def test_sqlite_gaps_are_final_when_seen(
 
 
 def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime) -> None:
-    """The PostgreSQL hot path (JSON built by the server) and the row-by-row path make the
-    same events, byte for byte once canonical: timestamps with and without microseconds,
-    NULLs, unicode, quotes, sensitive rows, malformed and JSONB metadata, every source."""
+    """The PostgreSQL hot path (the document rendered by the server, written and hashed as
+    it is) and the row-by-row path make the same events: timestamps with and without a
+    fraction, NULLs, unicode, quotes, sensitive rows, keys to protect in plain rows (also
+    spelled with an escape, or nested), metadata over several lines, malformed and JSONB
+    metadata, every source. Each line's hash is that of its bytes, and the page verifies."""
     from sqlalchemy import select
 
-    from tasks.audit.events import Protector, canonical, render_document, render_values
+    from tasks.audit.events import (
+        GENESIS,
+        Chain,
+        Protector,
+        chain_page,
+        line_hash,
+        render_values,
+    )
     from tasks.audit.reading import TABLES, _rendered_page
 
     whole = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -521,6 +569,11 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
             "sensitive": True,
         },
         {"timestamp": whole.replace(microsecond=7), "tenant_id": "t", "metadata": "{oops"},
+        {"metadata": '{"db_password": "hunter2", "who": "admin"}'},
+        {"metadata": '{"pass\\u0077ord": "hunter3"}'},
+        {"metadata": '{"outer": {"api_token": "hunter4"}, "list": [{"secret": "hunter5"}]}'},
+        {"metadata": '{\n  "spans": "lines",\r\n  "n": 2\n}'},
+        {"metadata": '{"value": "plain", "ok": true}'},
     ]
     with rt.engine.begin() as connection:
         for i, extra in enumerate(rows):
@@ -533,6 +586,7 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
                 "user_id": "admin\n\t",
                 "checksum": "c",
                 "sensitive": False,
+                "timestamp": whole,
                 **extra,
             }
             connection.execute(insert(ConfigurationAuditLog.__table__), values)
@@ -549,10 +603,9 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     with rt.sessions.begin() as session:
         record(session, "canary_verdict", "deploy-1", whole, verdict="pass", score=0.25)
     protector = Protector(b"k" * 32)
-    compared = 0
+    compared, written = 0, []
     for source, table in TABLES.items():
         with rt.engine.connect() as connection:
-            connection.exec_driver_sql("SET TIME ZONE 'UTC'")
             plain = connection.execute(select(table).order_by(table.c.id)).all()
         raw = rt.engine.raw_connection()
         try:
@@ -561,10 +614,17 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
             raw.close()
         assert len(rendered) == len(plain) > 0
         columns = list(table.c.keys())
-        for by_python, by_postgres in zip(plain, rendered, strict=True):
-            expected = render_values(source, columns, tuple(by_python), protector)
-            got = render_document(source, by_postgres[2], by_postgres[1], protector)
-            assert canonical(got.event) == canonical(expected.event)
-            assert got.malformed == expected.malformed
+        chain = Chain(0, GENESIS)
+        lines, malformed = chain_page(chain, source, rendered, protector)
+        written += lines
+        expected = [render_values(source, columns, tuple(row), protector) for row in plain]
+        assert malformed == sum(e.malformed for e in expected)
+        for line, want in zip(lines, expected, strict=True):
+            got = orjson.loads(line)
+            assert line_hash(line) == got["hash"]
+            assert {k: v for k, v in got.items() if k not in ("seq", "prev_hash", "hash")} == (
+                want.event
+            )
             compared += 1
-    assert compared == 5
+    assert compared == 10
+    assert b"hunter" not in b"".join(written)

@@ -376,9 +376,9 @@ def test_a_shipper_with_another_key_is_refused_until_the_key_is_rotated(
 # Verification that catches truncation and rewrites ------------------------------------------
 
 
-def relink(records: list[dict[str, object]]) -> list[bytes]:
-    """Records chained anew from the start, as a forger without the key would."""
-    chain = Chain(0, GENESIS)
+def relink(records: list[dict[str, object]], seq: int = 0, head: str = GENESIS) -> list[bytes]:
+    """Records chained anew from ``seq``/``head``, as a forger without the key would."""
+    chain = Chain(seq, head)
     return [
         chain.link({k: v for k, v in r.items() if k not in ("seq", "prev_hash", "hash")})
         for r in records
@@ -408,18 +408,22 @@ def _cut_end(directory: Path, before_checkpoint: bool) -> None:
 
 def _rewrite(directory: Path, forge: bool) -> None:
     files = sorted(directory.glob("*.jsonl"))
-    records = [orjson.loads(line) for f in files for line in f.read_bytes().splitlines()]
+    lines = [line for f in files for line in f.read_bytes().splitlines(keepends=True)]
+    records = [orjson.loads(line) for line in lines]
     if forge:  # the last checkpoint signed again with a key that is not the fleet's
         at = max(i for i, r in enumerate(records) if r["source"] == "checkpoint")
         signed = "{sink}:{signed_seq}:{signed_hash}:{signed_at}".format(**records[at])
         mac = hmac.new(b"not-the-fleets-key", signed.encode(), hashlib.sha256)
         records[at]["hmac"] = mac.hexdigest()
+        before = records[at - 1]
+        rewritten = lines[:at] + relink(records[at:], int(before["seq"]), str(before["hash"]))
     else:  # an event edited, checkpoints (which need the key) dropped, all links redone
         records = [r for r in records if r["source"] != "checkpoint"]
         records[0]["key"] = "key.rewritten"
+        rewritten = relink(records)
     for f in files:
         f.unlink()
-    (directory / files[0].name).write_bytes(b"".join(relink(records)))
+    (directory / files[0].name).write_bytes(b"".join(rewritten))
 
 
 def _second(directory: Path) -> Path:

@@ -3,15 +3,27 @@ sensitive values, malformed rows, and tampering of every kind caught by verify."
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tasks.audit.events import GENESIS, Chain, Protector, canonical, event_hash, lines, render
+from tasks.audit.events import (
+    GENESIS,
+    Chain,
+    Protector,
+    canonical,
+    event_hash,
+    hashed_bytes,
+    iso_utc,
+    line_hash,
+    lines,
+    render,
+)
 from tasks.audit.verify import CHECKPOINT_SLACK, verify
 
 KEY = b"audit-test-key"
@@ -254,3 +266,61 @@ def test_the_end_is_judged_as_of_the_time_given(tmp_path: Path) -> None:
     late = verify([tmp_path], KEY, interval=HOUR, as_of=later + timedelta(seconds=1))
     assert not late.ok and "or the shipper has not run since" in (late.problem or "")
     assert verify([tmp_path], KEY).ok  # no interval given: links and signatures only
+
+
+# Records hashed as written; the hot path's pieces ----------------------------------------
+
+
+def test_a_record_is_hashed_as_written() -> None:
+    """Not only canonical lines: any JSON object whose last field is the hash of the bytes
+    before it (the PostgreSQL-rendered records of the hot path)."""
+    body = b'{"seq":1,"prev_hash":"%s","id" : 1, "x" : "a b"}' % GENESIS.encode()
+    digest = hashlib.sha256(body).hexdigest()
+    line = body[:-1] + b',"hash":"%s"}\n' % digest.encode()
+    assert hashed_bytes(line) == (body, digest)
+    assert line_hash(line) == digest
+    assert line_hash(line.replace(b"a b", b"a c")) is None  # edited
+    assert line_hash(line.replace(b'"hash":"', b'"hush":"')) is None  # no hash field
+    assert hashed_bytes(b'{"hash":"short"}\n') is None
+    chain = Chain(0, GENESIS)
+    canonical_line = chain.link({"event_id": "s:1", "source": "s"})
+    assert line_hash(canonical_line) == chain.head  # the canonical lines too
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (datetime(2026, 3, 1, 12, tzinfo=UTC), "2026-03-01T12:00:00+00:00"),
+        (datetime(2026, 3, 1, 12, 0, 0, 120000, tzinfo=UTC), "2026-03-01T12:00:00.12+00:00"),
+        (datetime(2026, 3, 1, 12, 0, 0, 7, tzinfo=UTC), "2026-03-01T12:00:00.000007+00:00"),
+        (datetime(2026, 3, 1, 12), "2026-03-01T12:00:00+00:00"),  # naive: taken as UTC
+        (
+            datetime(2026, 3, 1, 14, 0, 0, 500000, tzinfo=timezone(timedelta(hours=2))),
+            "2026-03-01T12:00:00.5+00:00",
+        ),
+    ],
+)
+def test_times_are_written_as_postgresql_writes_them_in_json(value: datetime, text: str) -> None:
+    assert iso_utc(value) == text
+
+
+@pytest.mark.parametrize(
+    ("metadata", "as_is"),
+    [
+        (b'{"who": "admin", "n": 1}', True),
+        (b'{"who": "the password is x"}', True),  # values do not matter, keys do
+        (b'{"db_password": "x"}', False),
+        (b'{"pass\\u0077ord": "x"}', False),  # an escape spelling a sensitive key
+        (b'{"outer": {"who": 1}}', False),  # nested: walked
+        (b'["a"]', False),
+        (b"{oops", False),
+    ],
+)
+def test_metadata_ships_as_is_only_with_nothing_to_protect(metadata: bytes, as_is: bool) -> None:
+    protector = Protector(KEY)
+    for _ in range(2):  # decided, then remembered
+        assert (protector.as_is(metadata) == metadata) is as_is
+
+
+def test_metadata_over_several_lines_ships_on_one() -> None:
+    assert Protector(KEY).as_is(b'{\n "a": 1,\r\n "b": 2}') == b'{"a":1,"b":2}'
