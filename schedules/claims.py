@@ -24,17 +24,22 @@ PENDING_INDEX = "fleet:schedule:pending"
 
 _FIRE_NAMESPACE = uuid.UUID("6d1c5a3e-7a52-4a53-9d5e-2f0b9c0de7a1")
 
-# Claim a fire: SET NX with expiry and list it as pending, in one step.
+# Claim a fire: SET NX with expiry and list it as pending, in one step. Safe to repeat: the
+# claim's value is this replica's and this call's own (replica and time to the millisecond);
+# found again, this very claim already ran (its answer was lost), and it is still won.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
   return 1
 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
 
-# Take over a pending claim older than the lease: only if it is still the same claim.
+# Take over a pending claim older than the lease: only if it is still the same claim. Safe
+# to repeat: a claim holding this call's own value means it already ran.
 _TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 local score = redis.call('ZSCORE', KEYS[2], KEYS[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
 local value = redis.call('GET', KEYS[1])
@@ -111,7 +116,8 @@ class FireClaims:
         return bool(won)
 
     def confirm(self, fire: Fire) -> None:
-        """The fire's message is with the broker: the claim is final."""
+        """The fire's message is with the broker: the claim is final. Safe to repeat (it
+        sets the same value and removes the same member)."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(fire.key, f"enqueued:{self._replica}:{fire.task_id}", xx=True, keepttl=True)
         pipe.zrem(PENDING_INDEX, fire.key)

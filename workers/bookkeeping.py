@@ -118,10 +118,28 @@ def _record_start(
     rt: Any, task: Any, task_id: str, schedule: str | None, kwargs: dict[str, Any]
 ) -> int:
     at = now()
+    attempt = getattr(task.request, "retries", 0) or 0
     with rt.sessions.begin() as session:
+        # An earlier attempt still "running" asked for this retry: its worker may not have
+        # recorded its end yet (the retry can start first). It is not lost; its own end
+        # writes the outcome, or, if its worker died, this marks it "retry".
+        session.execute(
+            update(TaskRun)
+            .where(
+                TaskRun.task_id == task_id,
+                TaskRun.outcome == "running",
+                TaskRun.attempt < attempt,
+            )
+            .values(outcome="retry", finished_at=at)
+        )
+        # The same attempt running again: the message came back after its worker died.
         lost = session.execute(
             update(TaskRun)
-            .where(TaskRun.task_id == task_id, TaskRun.outcome == "running")
+            .where(
+                TaskRun.task_id == task_id,
+                TaskRun.outcome == "running",
+                TaskRun.attempt >= attempt,
+            )
             .values(outcome="lost", finished_at=at, error="worker lost before the run finished")
             .returning(TaskRun.id)
         ).all()
@@ -132,7 +150,7 @@ def _record_start(
                 task_id=task_id,
                 schedule=schedule,
                 args=orjson.loads(orjson.dumps(kwargs, default=str)),
-                attempt=getattr(task.request, "retries", 0) or 0,
+                attempt=attempt,
                 worker=getattr(task.request, "hostname", None),
                 started_at=at,
                 outcome="running",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 
 import redis
@@ -26,7 +27,7 @@ def job_locks(client: redis.Redis, names: Sequence[str], ttl: float) -> Iterator
     for name in sorted(set(names)):
         # Not thread-local: the renewal thread must see the token the holder acquired with.
         lock = client.lock(PREFIX + name, timeout=ttl, blocking=False, thread_local=False)
-        if not lock.acquire(blocking=False):
+        if not _acquire(client, lock):
             busy = name
             break
         held.append(lock)
@@ -49,7 +50,23 @@ def job_locks(client: redis.Redis, names: Sequence[str], ttl: float) -> Iterator
         _release(held)
 
 
+def _acquire(client: redis.Redis, lock: redis.lock.Lock) -> bool:
+    """``SET NX`` with this acquisition's own token, resolved by reading back: when the
+    answer to a successful SET was lost and the client sent it again, the repeat finds the
+    key taken, and the token there says it is ours."""
+    token = uuid.uuid4().hex
+    if lock.acquire(blocking=False, token=token):
+        return True
+    if client.get(lock.name) == token.encode():
+        lock.local.token = token.encode()  # as Lock.acquire keeps it
+        return True
+    return False
+
+
 def _renew(locks: list[redis.lock.Lock], ttl: float, stop: threading.Event) -> None:
+    # Renewal (a script that extends the key only while it holds our token) and release
+    # (one that deletes it only then) are safe to repeat; a repeated release finds the key
+    # gone and is ignored.
     while not stop.wait(ttl / 3):
         for lock in locks:
             with contextlib.suppress(LockError, RedisError):  # lost: the next run will see

@@ -69,7 +69,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, socket_timeout=10, health_check_interval=30)
+        return redis_client(self.redis_url)
 
     # Database ------------------------------------------------------------------------
 
@@ -143,3 +143,20 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def redis_client(url: str, *, socket_timeout: float = 10, retries: int = 5) -> redis.Redis:
+    """The one way the fleet builds a Redis client for its own keys: a command whose
+    connection fails or times out is sent again (up to ``retries`` times, with exponential
+    backoff and jitter, 10 ms to 2 s). That is safe because every command and script the
+    fleet sends has the effect of one when repeated, or its outcome is read back (the
+    README's "exactly once" notes name which, step by step)."""
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.01), retries),
+    )

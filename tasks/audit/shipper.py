@@ -256,13 +256,20 @@ class Shipper:
             cursor = _cursor(session, source, self.sink.name, now)
             columns = list(table.c.keys())
             stamps = [c.key for c in table.c if isinstance(c.type, DateTime | UTCDateTime)]
-            rows = (
-                pages.read(cursor.last_id)
-                if pages is not None
-                else _page(session, table, cursor.last_id, self.batch_size)
-            )
+
+            def read() -> Sequence[Sequence[Any]]:
+                if pages is not None:
+                    return pages.read(cursor.last_id)
+                return _page(session, table, cursor.last_id, self.batch_size)
+
+            rows = read()
             if rows:
-                rows = self._settled(session, source, cursor, rows, now)
+                settled = self._settled(session, source, cursor, rows, now)
+                if settled is None:  # a gap may be passed: only with a page read after that
+                    fresh = read()
+                    take = _contiguous(fresh, cursor.last_id, cursor.gap_upto or 0)
+                    settled = self._count_gaps(fresh[:take], cursor.last_id, source)
+                rows = settled
             if not rows:
                 return False
             state = self._owned(session, now)
@@ -300,8 +307,9 @@ class Shipper:
         cursor: AuditCursor,
         rows: Sequence[Sequence[Any]],
         now: datetime,
-    ) -> Sequence[Sequence[Any]]:
-        """The leading ``rows`` that can ship now, in id order with none missing before them.
+    ) -> Sequence[Sequence[Any]] | None:
+        """The leading ``rows`` that can ship now, in id order with none missing before them;
+        None when a gap may be passed now, but only with rows read again (see below).
 
         On PostgreSQL ids are taken when rows are inserted but seen when they commit: a
         missing id below a committed one may belong to a transaction still running, and
@@ -309,6 +317,10 @@ class Shipper:
         ``FLEET_AUDIT_GAP_GRACE`` has passed and every transaction that could still commit
         it has ended; then the id was rolled back, and the gap is passed (and counted).
         SQLite has one writer at a time: its gaps are final when seen.
+
+        ``rows`` were read before that check: a transaction that committed a missing id in
+        between is over when checked, yet its row is not among them. So a gap is passed
+        only with a page read after the check (the caller reads again on None).
         """
         take = _contiguous(rows, cursor.last_id, cursor.gap_upto if not cursor.gap_seen_at else 0)
         if take:
@@ -337,6 +349,7 @@ class Shipper:
                         "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
                     ).scalar_one()
                 )
+            self._before_gap_check()
             running = connection.exec_driver_sql(
                 "SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
                 "WHERE x::text::bigint < %(horizon)s "
@@ -345,11 +358,16 @@ class Shipper:
             ).scalar_one()
             if running:
                 return []
-        else:
-            cursor.gap_upto = int(rows[-1][0])
+            cursor.gap_seen_at = cursor.gap_horizon_xid = None
+            return None  # passed, with the page read again
+        cursor.gap_upto = int(rows[-1][0])
         cursor.gap_seen_at = cursor.gap_horizon_xid = None
-        take = _contiguous(rows, cursor.last_id, cursor.gap_upto or 0)
+        take = _contiguous(rows, cursor.last_id, cursor.gap_upto)
         return self._count_gaps(rows[:take], cursor.last_id, source)
+
+    def _before_gap_check(self) -> None:
+        """A seam between reading a page and checking for running transactions (tests
+        commit a transaction here)."""
 
     def _count_gaps(
         self, rows: Sequence[Sequence[Any]], last_id: int, source: str

@@ -28,8 +28,11 @@ DEAD = IMPRESSIONS_DEAD
 BATCH_PREFIX = "fleet:impressions:batch:"
 IN_FLIGHT = "fleet:impressions:inflight"
 
-# The batch keeps the list's order (newest first): readers reverse it.
+# The batch keeps the list's order (newest first): readers reverse it. Safe to repeat: a
+# batch id already in flight means this very take ran (its answer was lost and the client
+# sent it again), and nothing more is moved.
 _TAKE = """
+if redis.call('ZSCORE', KEYS[3], ARGV[3]) then return redis.call('LLEN', KEYS[2]) end
 local length = redis.call('LLEN', KEYS[1])
 if length == 0 then return 0 end
 local size = math.min(length, tonumber(ARGV[1]))
@@ -43,8 +46,13 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return size
 """
 
+# Safe to repeat: the claim's score is the claimant's own time; found again (to the
+# microsecond), it means this take-over already ran, and it answers the same.
 _TAKE_OVER = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and math.abs(tonumber(score) - tonumber(ARGV[3])) < 0.000001 then
+  return redis.call('LRANGE', KEYS[2], 0, -1)
+end
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 if #items == 0 then
@@ -55,6 +63,9 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return items
 """
 
+# Safe to repeat: the first run removes the batch from the in-flight set, a repeat finds it
+# gone and does nothing (it answers 0, "already finished": counts stay right, only the
+# repeat's log line says so).
 _FINISH = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 for i = 2, #ARGV, 1000 do

@@ -9,6 +9,7 @@ paths, versions, dates and statuses only.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -182,6 +183,10 @@ def _record_store(rt: Runtime, up: bool, now: datetime, reason: str | None = Non
         record_health(session, SECRET_STORE, {"": 1 if up else 0}, now, details={"": reason})
 
 
+def _ours(value: object, token: str) -> bool:
+    return value is not None and (value.decode() if isinstance(value, bytes) else value) == token
+
+
 def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
     from celery import current_app
 
@@ -192,7 +197,10 @@ def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
         if status.status not in ("due_soon", "overdue") or status.rotator is None:
             continue
         # One rotation request per path per check interval, whatever the number of checks.
-        if rt.redis.set(ENQUEUED_KEY + status.path, "1", nx=True, ex=900):
+        # Resolved by reading back: a SET whose answer was lost and that the client sent
+        # again finds the key taken, with this check's own token in it.
+        key, token = ENQUEUED_KEY + status.path, uuid.uuid4().hex
+        if rt.redis.set(key, token, nx=True, ex=900) or _ours(rt.redis.get(key), token):
             current_app.send_task("secrets.rotate", kwargs={"path": status.path}, queue="secrets")
             enqueued.append(status.path)
     return enqueued

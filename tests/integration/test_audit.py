@@ -486,6 +486,31 @@ def test_a_row_committed_after_a_later_id_is_shipped_in_its_place(
     assert gaps_passed() == 0
 
 
+def test_a_row_committed_between_the_page_read_and_the_check_is_not_skipped(
+    rt: Runtime, archive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page is read, then the transaction holding the missing id commits, then the
+    check finds no transaction running: the gap must not be passed on the page read before
+    the commit (that would skip the row for good)."""
+    from tasks.audit.shipper import Shipper
+
+    add_events(rt, 2)
+    ship(rt)
+    eager = with_grace(rt, timedelta(0))
+    try:
+        with writer(rt) as slow, writer(rt, autocommit=True) as fast:
+            assert insert_one(slow, "late") == 3
+            assert insert_one(fast, "early") == 4
+            ship(eager)  # the gap is seen; the transaction runs: it waits
+            assert config_ids(archive) == [1, 2]
+            monkeypatch.setattr(Shipper, "_before_gap_check", lambda self: slow.commit())
+            ship(eager)
+    finally:
+        eager.close()
+    assert config_ids(archive) == [1, 2, 3, 4]
+    assert verify([archive], hmac_key(rt.settings)).ok
+
+
 def test_a_rolled_back_id_is_passed_once_the_grace_is_over(rt: Runtime, archive: Path) -> None:
     add_events(rt, 2)
     ship(rt)

@@ -100,6 +100,35 @@ def test_a_run_whose_worker_died_is_marked_lost_when_it_runs_again(app: Celery) 
     assert runs[0].error == "worker lost before the run finished"
 
 
+def test_a_retry_that_starts_before_its_first_attempt_ended_is_not_a_lost_run(
+    app: Celery,
+) -> None:
+    """Celery sends a retry before the first attempt's own end is recorded: the retry may
+    start first. The first attempt was not lost."""
+    from prometheus_client import REGISTRY
+
+    def lost() -> float:
+        labels = {"task": "fleet.heartbeat", "outcome": "lost"}
+        return REGISTRY.get_sample_value("fleet_task_runs_total", labels) or 0.0
+
+    rt = app.fleet_runtime
+    before = lost()
+    with rt.sessions.begin() as session:
+        session.add(
+            TaskRun(
+                job="fleet.heartbeat",
+                task_id="t-retried",
+                started_at=NOW,
+                outcome="running",
+                attempt=0,
+            )
+        )
+    app.tasks["fleet.heartbeat"].apply(kwargs={}, task_id="t-retried", retries=1)
+    runs = _runs(app)
+    assert [(r.attempt, r.outcome) for r in runs] == [(0, "retry"), (1, "success")]
+    assert lost() == before
+
+
 def _config(key: str, tenant: str | None = None, active: bool = True) -> Configuration:
     return Configuration(
         key=key,
