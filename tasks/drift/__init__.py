@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from tasks.drift.diff import DriftInput, detect
 from tasks.drift.model import CROSS, Finding
-from tasks.drift.rules import Rules, RulesError, load_rules
+from tasks.drift.rules import Rules, RulesError, load_rules, parse_rules
 from tasks.drift.sources import (
     Flat,
     SourceProblem,
@@ -80,13 +80,30 @@ def _known_environments(rt: Runtime) -> list[str]:
     return sorted(live | set(desired_files(rt.settings.configuration_dir)))
 
 
+# The last rules file that parsed, for a run whose file cannot be read or parsed.
+LAST_GOOD_RULES = "fleet:drift:rules:last-good"
+
+
 def _rules(rt: Runtime, problems: list[SourceProblem]) -> Rules:
+    """The rules file's rules; when it cannot be used, the last good ones, or, with none,
+    rules that hide every value (a broken file must never put secrets in clear)."""
     try:
-        return load_rules(rt.settings.configuration_dir)
+        rules, text = load_rules(rt.settings.configuration_dir)
     except RulesError as exc:
-        log.error("drift_rules_unusable", where=exc.where, reason=exc.reason)
-        problems.append(SourceProblem("", exc.where, exc.reason))
-        return Rules()
+        saved = rt.redis.get(LAST_GOOD_RULES)
+        if saved is not None:
+            text = saved.decode() if isinstance(saved, bytes) else str(saved)
+            rules = parse_rules(text, "the last good rules")
+            which = "using the last good rules"
+        else:
+            rules = Rules.hiding_everything()
+            which = "no good rules known: every value is treated as sensitive"
+        log.error("drift_rules_unusable", where=exc.where, reason=exc.reason, fallback=which)
+        problems.append(SourceProblem("", exc.where, f"{exc.reason}; {which}"))
+        return rules
+    if text is not None:
+        rt.redis.set(LAST_GOOD_RULES, text)
+    return rules
 
 
 def desired_flat(

@@ -94,6 +94,11 @@ class Rules:
     overrides: tuple[Rule, ...] = ()
     _sensitive_regex: re.Pattern[str] | None = field(default=None, compare=False)
 
+    @classmethod
+    def hiding_everything(cls) -> Rules:
+        """Rules for a run without usable rules: every value is sensitive."""
+        return cls(sensitive=("*",), _sensitive_regex=re.compile(".*"))
+
     def is_sensitive(self, key: str) -> bool:
         return self._sensitive_regex is not None and self._sensitive_regex.match(key) is not None
 
@@ -162,13 +167,14 @@ def parse_rules(text: str, source: str) -> Rules:
     )
 
 
-def load_rules(config_dir: Path) -> Rules:
-    """The rules in ``config_dir/drift-rules.yaml``; none if the file is absent."""
+def load_rules(config_dir: Path) -> tuple[Rules, str | None]:
+    """The rules in ``config_dir/drift-rules.yaml`` and the file's text; no rules (and no
+    text) if the file is absent. Raises RulesError when it cannot be read or parsed."""
     path = config_dir / "drift-rules.yaml"
     if not path.exists():
-        return Rules()
+        return Rules(), None
     try:
         text = path.read_text()
     except OSError as exc:
         raise RulesError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    return parse_rules(text, str(path))
+    return parse_rules(text, str(path)), text

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from jsonschema import Draft7Validator, FormatChecker
+from jsonschema import Draft7Validator, FormatChecker, ValidationError
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _MEMORY = {"type": "string", "pattern": "^[0-9]+(Mi|Gi)$"}
@@ -165,7 +165,52 @@ def schema_problems(config: Mapping[str, Any]) -> Iterator[Problem]:
             if key in seen:
                 continue
             seen.add(key)
-            yield key, error.message
+            yield key, describe(error)
+
+
+_JSON_TYPES = (
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+)
+
+
+def _type_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in _JSON_TYPES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def describe(error: ValidationError) -> str:
+    """The error from its rule and the schema, never from the value: jsonschema's own
+    messages quote the value (``98765432109876 is not of type 'string'``, a whole mapping
+    with its password), and a finding, a log line or a report must never carry one."""
+    rule, expected = error.validator, error.validator_value
+    if rule == "type":
+        wanted = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"expected {wanted}, got {_type_of(error.instance)}"
+    if rule == "required":
+        return error.message  # names the missing key (from the schema), holds no value
+    if rule == "additionalProperties":
+        return "keys not in the schema"
+    if rule in ("enum", "const"):
+        allowed = expected if isinstance(expected, list) else [expected]
+        return "not one of the allowed values: " + ", ".join(str(v) for v in allowed)
+    if rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"outside the bounds ({rule} {expected})"
+    if rule in ("minLength", "maxLength", "minItems", "maxItems", "minProperties"):
+        return f"wrong size ({rule} {expected})"
+    if rule == "pattern":
+        return f"does not match the pattern {expected}"
+    if rule == "format":
+        return f"not a valid {expected}"
+    return f"fails the schema's {rule} rule"
 
 
 def cross_field_problems(config: Mapping[str, Any], critical: bool) -> Iterator[Problem]:

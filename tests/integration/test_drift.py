@@ -390,3 +390,96 @@ def test_desired_files_are_parsed_once_per_content(app: Celery, config_dir: Path
     assert [(f["environment"], f["key"], f["before"], f["after"]) for f in changed] == [
         ("staging", "services.chat_service.replicas", "2", "3")
     ]
+
+
+# Planted secrets: never in findings, logs, JSON, metrics or any table ---------------------
+
+SECRETS = ("98765432109876", "redis-secret-5555", "live-secret-7777", "tok-live-3333")
+PLANTED = """
+database:
+  postgresql:
+    password: 98765432109876
+  redis:
+    host: redis.internal
+    password: redis-secret-5555
+security:
+  csrf_protection: true
+"""
+SENSITIVE_RULES = 'sensitive: ["*password*", "*token*"]\n'
+
+
+# Where the platform keeps the live values (the seeding wrote them there, as it would).
+PLATFORMS_OWN = {"configurations", "configuration_history", "configuration_audit_log"}
+
+
+def _everywhere(app: Celery, output: str) -> str:
+    """Everything the run left behind: its output and logs, every row of every other table,
+    the workers' and the exporter's metrics."""
+    from prometheus_client import generate_latest
+
+    from monitoring.exporter import build_fleet_registry
+    from workers.db.models import Base
+
+    rt = rt_of(app)
+    parts = [output, generate_latest(REGISTRY).decode()]
+    parts.append(generate_latest(build_fleet_registry(rt)).decode())
+    with rt.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            if table.name in PLATFORMS_OWN:
+                continue
+            rows = connection.execute(table.select()).all()
+            parts.append(repr(rows))
+    return "\n".join(parts)
+
+
+def test_planted_secrets_leak_nowhere_with_good_or_broken_rules(
+    app: Celery, config_dir: Path
+) -> None:
+    from tasks.drift import LAST_GOOD_RULES
+
+    (config_dir / "environments" / "production.yaml").write_text(PLANTED)
+    (config_dir / "environments" / "staging.yaml").unlink()
+    rules = config_dir / "drift-rules.yaml"
+    rules.write_text(SENSITIVE_RULES)
+    seed(
+        app,
+        "production",
+        {
+            "database.redis.host": "redis.internal",
+            "database.redis.password": "live-secret-7777",  # differs from desired
+            "external_apis.stripe.api_token": "tok-live-3333",  # not declared, not marked
+            "security.csrf_protection": True,
+        },
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+        "FLEET_HOME": str(rt_of(app).settings.home),
+        "FLEET_DATABASE_URL": rt_of(app).settings.database_url or "",
+        "FLEET_REDIS_URL": rt_of(app).settings.redis_url or "",
+        "FLEET_CONFIG_DIR": str(config_dir),
+    }
+    for phase in ("good rules", "broken, the last good kept", "broken, none kept"):
+        if phase != "good rules":
+            rules.write_text("sensitive: [unclosed\n")
+        if phase == "broken, none kept":
+            rt_of(app).redis.delete(LAST_GOOD_RULES)
+        stream = io.StringIO()
+        configure_logging(level="DEBUG", log_format="json", stream=stream)
+        summary = detect(app)
+        report = run_fleet("drift", "report", "--json", env=env)
+        table = run_fleet("drift", "report", env=env)
+        assert report.returncode == 0 and table.returncode == 0, report.stderr + table.stderr
+        output = json.dumps(summary) + stream.getvalue() + report.stdout + table.stdout
+        found = _everywhere(app, output)
+        assert [s for s in SECRETS if s in found] == [], phase
+        kinds = {(f["kind"], f["key"]) for f in summary["findings"]}
+        assert ("schema_violation", "database.postgresql.password") in kinds, phase
+        assert ("value_changed", "database.redis.password") in kinds, phase
+        if phase != "good rules":
+            invalid = [f for f in summary["findings"] if f["kind"] == "invalid_source"]
+            which = (
+                "using the last good rules"
+                if phase == "broken, the last good kept"
+                else "every value is treated as sensitive"
+            )
+            assert invalid and which in invalid[0]["message"], phase

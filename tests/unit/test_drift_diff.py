@@ -226,7 +226,7 @@ PROD_OK = flatten(
             "min_replicas (200) is greater than max_replicas (100)",
         ),
         ({"services.chat.replicas": 5}, "services.chat.replicas", "outside autoscaling bounds"),
-        ({"services.chat.replicas": 0}, "services.chat.replicas", "less than the minimum"),
+        ({"services.chat.replicas": 0}, "services.chat.replicas", "outside the bounds (minimum 1)"),
         (
             {"services.chat.resources.limits.memory": "2GB"},
             "services.chat.resources.limits.memory",
@@ -241,12 +241,12 @@ PROD_OK = flatten(
         (
             {"database.postgresql.port": 70000},
             "database.postgresql.port",
-            "greater than the maximum",
+            "outside the bounds (maximum 65535)",
         ),
         (
             {"database.postgresql.ssl_mode": "maybe"},
             "database.postgresql.ssl_mode",
-            "is not one of",
+            "not one of the allowed values:",
         ),
         ({"security.cors_origins": ["*"]}, "security.cors_origins.0", "wildcard CORS origin"),
         (
@@ -258,12 +258,12 @@ PROD_OK = flatten(
         (
             {"external_apis.openai.timeout": 0},
             "external_apis.openai.timeout",
-            "less than the minimum",
+            "outside the bounds (",
         ),
         (
             {"external_apis.openai.base_url": "not a url"},
             "external_apis.openai.base_url",
-            "is not a 'uri'",
+            "not a valid uri",
         ),
     ],
 )
@@ -279,6 +279,38 @@ def test_schema_and_cross_field_violations(change: dict[str, Any], key: str, wor
     assert matching, [(f.key, f.message) for f in found]
     assert {f.source for f in found} == {"desired", "live"}
     assert all(f.severity == "critical" for f in found)
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (
+            {"database.postgresql.password": 98765432109876},
+            "database.postgresql.password",
+            "expected string, got integer",
+        ),
+        ({"database.redis": "redis-pass-98765"}, "database.redis", "expected object, got string"),
+        (
+            {"database.postgresql.ssl_mode": "pw-98765"},
+            "database.postgresql.ssl_mode",
+            "not one of",
+        ),
+        (
+            {"external_apis.openai.base_url": "pw 98765"},
+            "external_apis.openai.base_url",
+            "not a valid uri",
+        ),
+    ],
+)
+def test_schema_messages_never_quote_the_value(
+    change: dict[str, Any], key: str, words: str
+) -> None:
+    """jsonschema's messages quote the value (a password declared as a number, a whole
+    mapping with its password); findings are written from the rule instead."""
+    desired = {"production": {**PROD_OK, **change}}
+    found = [f for f in run(desired, desired) if f.kind == "schema_violation" and f.key == key]
+    assert found and all(words in f.message for f in found), [f.message for f in found]
+    assert not any("98765" in f.message for f in found)
 
 
 def test_a_clean_production_has_no_schema_findings() -> None:
