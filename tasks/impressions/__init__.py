@@ -85,7 +85,15 @@ def process(
 
 
 def count(rt: Runtime, tally: Tally, batch: Batch) -> Counted:
-    return tally.add(batch.items, datetime.now(UTC), rt.settings.impressions_future_skew)
+    """The batch classified against the time it was taken, whoever counts it and when."""
+    return tally.add(batch.items, decided_at(batch), rt.settings.impressions_future_skew)
+
+
+def decided_at(batch: Batch) -> datetime:
+    """The moment a batch's outcome is judged at: its take time (the counting worker's
+    clock only for a batch whose id carries none)."""
+    taken = batch.taken_at
+    return datetime.now(UTC) if taken is None else datetime.fromtimestamp(taken, UTC)
 
 
 def prepare(rt: Runtime, tally: Tally) -> Prepared:
@@ -112,18 +120,22 @@ def commit(
             apply_batches(connection, [(b.id, counted) for b, counted in group], prepared, now)
     except AlreadyApplied:  # rolled back; never for batches taken fresh
         if len(group) == 1:  # taken over, and its first worker committed it after all
-            _finish(queue, *group[0], False, now, summary)
+            # Its first worker may have died before adding users or pushing dead letters:
+            # both are decided by the batch alone (see count), so add and push them again
+            # (users are a set, and finish runs once).
+            sketches.add(prepared.agg.users)
+            _finish(queue, *group[0], False, summary)
             return
         for batch, counted in group:  # one at a time: the others still count
             again = queue.reread(batch)
             if again is None:  # taken over, and finished by the worker that took it
-                _finish(queue, batch, counted, False, now, summary)
+                _finish(queue, batch, counted, False, summary)
             else:
                 process(rt, queue, sketches, again, summary)
         return
     sketches.add(prepared.agg.users)
     for batch, counted in group:
-        _finish(queue, batch, counted, True, now, summary)
+        _finish(queue, batch, counted, True, summary)
     metrics.IMPRESSIONS_BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
@@ -132,12 +144,12 @@ def _finish(
     batch: Batch,
     counts: Counted,
     applied: bool,
-    now: datetime,
     summary: DrainSummary,
 ) -> None:
     from monitoring import metrics
 
-    pushed = queue.finish(batch, [letter.encode(batch.id, now) for letter in counts.dead])
+    at = decided_at(batch)  # the same letters, byte for byte, whoever pushes them
+    pushed = queue.finish(batch, [letter.encode(batch.id, at) for letter in counts.dead])
     summary.batches += 1
     summary.impressions += counts.impressions + len(counts.dead)
     if applied:

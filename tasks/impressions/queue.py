@@ -10,6 +10,12 @@ dead letters pushed, in one more atomic step once its counts are committed
 (:meth:`ImpressionQueue.finish`, which only the first finisher performs). A batch whose
 worker died stays listed; after the in-flight timeout any worker takes it over and applies
 it again, which the database's batch ledger makes harmless.
+
+Everything a batch's outcome depends on is fixed when it is taken: its id carries the take
+time (:attr:`Batch.taken_at`), and every worker classifies the batch against that time, not
+its own clock. A worker that takes a batch over, minutes later or with a skewed clock, so
+decides exactly what the first one decided: the same counts, the same dead letters (byte
+for byte) and the same users.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ return 1
 """
 
 
+def new_batch_id(now: float) -> str:
+    """A batch id that carries its take time, in microseconds: ``<micros>.<random hex>``."""
+    return f"{round(now * 1_000_000)}.{uuid.uuid4().hex}"
+
+
 @dataclass(frozen=True)
 class Batch:
     id: str
@@ -85,6 +96,13 @@ class Batch:
     @property
     def key(self) -> str:
         return BATCH_PREFIX + self.id
+
+    @property
+    def taken_at(self) -> float | None:
+        """When the batch was taken (the clock of the worker that took it); None for a
+        batch taken by a version of the fleet whose ids carried no time."""
+        micros, dot, _ = self.id.partition(".")
+        return int(micros) / 1_000_000 if dot and micros.isdigit() else None
 
     def counted(self) -> Batch:
         """The batch without its payloads: once counted, a group holds batch ids, and the
@@ -101,7 +119,7 @@ class ImpressionQueue:
 
     def take(self, size: int, now: float) -> Batch | None:
         """Up to ``size`` of the oldest impressions, as a new batch; None when empty."""
-        batch_id = uuid.uuid4().hex
+        batch_id = new_batch_id(now)
         key = BATCH_PREFIX + batch_id
         pipe = self._redis.pipeline(transaction=False)
         self._take(keys=[SOURCE, key, IN_FLIGHT], args=[size, now, batch_id], client=pipe)

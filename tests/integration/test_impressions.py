@@ -354,6 +354,134 @@ def test_a_group_skips_a_batch_another_worker_took_over_and_finished(rt: Runtime
     assert_exact(rt, stream)
 
 
+def _impression(user: str, moment: datetime) -> bytes:
+    return orjson.dumps(
+        {
+            "flag_key": "new_ui_enabled",
+            "environment": "production",
+            "variant": "on",
+            "user_id": user,
+            "tenant_id": None,
+            "timestamp": moment.replace(tzinfo=None).isoformat(),
+        }
+    )
+
+
+def _commit_and_die(rt: Runtime, batch: Any) -> None:
+    """What a worker does up to its commit, and then it is SIGKILLed: counts and the ledger
+    row committed; users not added, dead letters not pushed, the batch not finished."""
+    from tasks.impressions import Tally, count, prepare
+    from tasks.impressions.store import apply_batches
+
+    tally = Tally()
+    counted = count(rt, tally, batch)
+    with rt.engine.begin() as connection:
+        apply_batches(connection, [(batch.id, counted)], prepare(rt, tally), datetime.now(UTC))
+
+
+def _recover_at(rt: Runtime, batch_id: str, clock: float) -> Any:
+    """Another worker, whose clock reads ``clock``, takes the batch over and applies it."""
+    from tasks.impressions import DrainSummary, UserSketches, process
+    from tasks.impressions.queue import ImpressionQueue
+
+    queue = ImpressionQueue(rt.redis)
+    batch = queue.take_over(batch_id, clock, timeout=0)
+    assert batch is not None
+    summary = DrainSummary()
+    process(rt, queue, UserSketches(rt.redis, rt.engine), batch, summary)
+    return summary
+
+
+def _dead_letters(rt: Runtime) -> list[dict[str, Any]]:
+    return [orjson.loads(item) for item in rt.redis.lrange(DEAD, 0, -1)]
+
+
+@pytest.mark.parametrize(
+    ("taker_offset", "stamp_offset", "dead"),
+    [
+        # The taker's clock is 2 minutes behind: a record 4 minutes ahead of real time is
+        # in the future for it (5 minutes of skew allowed), not for the recovering worker.
+        (-120.0, 240.0, 1),
+        # The taker's clock is 3 minutes ahead: a record 6 minutes ahead of real time is
+        # fine for it, in the future for the recovering worker.
+        (180.0, 360.0, 0),
+    ],
+    ids=["taker-behind", "taker-ahead"],
+)
+def test_a_recovered_batch_is_judged_at_its_take_time_not_the_recovering_workers_clock(
+    rt: Runtime, taker_offset: float, stamp_offset: float, dead: int
+) -> None:
+    """Issue 18: the first worker commits and dies before pushing its dead letters; a
+    worker with another clock (two minutes later, or skewed) recovers the batch. The record
+    is counted or dead-lettered, exactly as the first worker decided: never neither, never
+    both."""
+    from tasks.impressions.queue import ImpressionQueue
+
+    real = time.time()
+    now = datetime.fromtimestamp(real, UTC)
+    edge = _impression("edge-user", now + timedelta(seconds=stamp_offset))
+    plain = [_impression(f"user-{i}", now - timedelta(minutes=1)) for i in range(20)]
+    rt.redis.lpush(SOURCE, *plain, edge)
+    add_flags(rt.engine)
+    queue = ImpressionQueue(rt.redis)
+    batch = queue.take(100, real + taker_offset)
+    assert batch is not None
+    _commit_and_die(rt, batch)
+    recovered = _recover_at(rt, batch.id, real + 200)  # 3 minutes 20 seconds later
+    assert recovered.already_applied == 1 and recovered.counted == 0
+    letters = _dead_letters(rt)
+    assert len(letters) == dead
+    assert [letter["reason"] for letter in letters] == ["future_timestamp"] * dead
+    counted = sum(stored_counts(rt.engine).values())
+    assert counted + len(letters) == 21  # each record counted or dead-lettered, once
+    assert rt.redis.zcard(IN_FLIGHT) == 0 and rt.redis.llen(SOURCE) == 0
+
+
+def test_recovery_pushes_the_same_dead_letters_byte_for_byte_and_adds_the_users(
+    rt: Runtime,
+) -> None:
+    """Two batches with the same records: one applied straight through, one by a worker
+    that died after its commit and was recovered, with a clock moved minutes ahead. The
+    recovered one pushes the same dead letters (the same bytes, but its batch id) and adds
+    every user, so the day's distinct users count them."""
+    from tasks.impressions import DrainSummary, UserSketches, process
+    from tasks.impressions.queue import ImpressionQueue
+    from tasks.impressions.users import persist_users
+
+    add_flags(rt.engine)
+    real = time.time()
+    now = datetime.fromtimestamp(real, UTC)
+    records = [_impression(f"user-{i}", now - timedelta(minutes=2)) for i in range(200)]
+    records += [BAD[0], _impression("late", now + timedelta(minutes=4))]
+    queue = ImpressionQueue(rt.redis)
+    rt.redis.lpush(SOURCE, *records)
+    straight = queue.take(1000, real - 120)  # a clock 2 minutes behind: "late" is dead
+    assert straight is not None
+    process(rt, queue, UserSketches(rt.redis, rt.engine), straight, DrainSummary())
+    expected = [
+        {k: v for k, v in letter.items() if k != "batch_id"} for letter in _dead_letters(rt)
+    ]
+    assert sorted(letter["reason"] for letter in expected) == ["future_timestamp", "not_json"]
+    rt.redis.delete(DEAD)
+    for key in rt.redis.scan_iter(PREFIX + "*"):
+        rt.redis.delete(key)  # the sketches start empty again
+    with rt.engine.begin() as connection:
+        connection.execute(text("DELETE FROM flag_impression_users"))
+
+    rt.redis.lpush(SOURCE, *records)
+    batch = queue.take(1000, real - 120)
+    assert batch is not None
+    _commit_and_die(rt, batch)
+    _recover_at(rt, batch.id, real + 180)
+    letters = _dead_letters(rt)
+    assert {letter["batch_id"] for letter in letters} == {batch.id}
+    assert [{k: v for k, v in x.items() if k != "batch_id"} for x in letters] == expected
+    persist_users(rt.redis, rt.engine, now)
+    with rt.engine.connect() as connection:
+        (users,) = connection.execute(select(FlagImpressionUsers.users)).one()
+    assert 200 * 0.97 <= users <= 200 * 1.03  # HyperLogLog: within 3%
+
+
 def test_a_database_outage_fails_the_run_and_loses_nothing(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
