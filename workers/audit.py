@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from workers.db.models import FleetAuditLog
@@ -27,3 +28,20 @@ def record(
     )
     session.add(entry)
     return entry
+
+
+def entry(action: str, subject: str, now: datetime, **metadata: Any) -> dict[str, Any]:
+    """One row for :func:`record_many`."""
+    return {
+        "timestamp": now,
+        "actor": ACTOR,
+        "action": action,
+        "subject": subject,
+        "metadata_": REDACTOR.value(metadata),
+    }
+
+
+def record_many(session: Session, entries: list[dict[str, Any]]) -> None:
+    """Many rows at once (one executemany), in the session's transaction."""
+    if entries:
+        session.execute(insert(FleetAuditLog), entries)

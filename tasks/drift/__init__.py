@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tasks.drift.diff import DriftInput, detect
 from tasks.drift.model import CROSS, Finding
@@ -29,6 +30,7 @@ from tasks.drift.sources import (
     read_live,
 )
 from tasks.drift.store import Reconciled, reconcile
+from workers import audit
 from workers.db.models import Configuration
 from workers.fleetstate import DRIFT_RUN, record_health
 from workers.jobs import PermanentError, RetryPolicy, job, skipped
@@ -194,19 +196,64 @@ def detect_drift(*, environment: str | None = None, max_findings: int = 500) -> 
         return _run(rt, environments, cross, max_findings)
 
 
+def clock() -> datetime:
+    """The time a run judges rule expiry at (tests move it)."""
+    return datetime.now(UTC)
+
+
 def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
+    now = clock()
     data = gather(rt, environments, cross)
     found = detect(data, now)
     scopes = None if cross else {f"env:{env}" for env in environments}
     with rt.sessions.begin() as session:
         outcome = reconcile(session, found, scopes, now)
+        _audit(session, outcome, now)
         # Open findings are read from drift_findings at scrape time (fleet exporter); the
         # time of this run is what no table records.
         covered = environments + ([CROSS, "all"] if cross else [])
         record_health(session, DRIFT_RUN, dict.fromkeys(covered, now.timestamp()), now)
     _record(outcome, environments)
     return summary(found, outcome, environments, max_findings)
+
+
+def _audit(session: Session, outcome: Reconciled, now: datetime) -> None:
+    """Openings and resolutions in the fleet's audit log, in the run's own transaction (so
+    shipped with the platform's audit trail): what and where, never a value."""
+    rows = [
+        audit.entry(
+            "drift_finding_opened",
+            f"{finding.kind}:{finding.environment}:{finding.key}",
+            now,
+            fingerprint=finding.fingerprint,
+            kind=finding.kind,
+            environment=finding.environment,
+            environments=list(finding.environments),
+            key=finding.key,
+            source=finding.source,
+            severity=finding.severity,
+            expected=finding.expected,
+            reason=finding.reason,
+        )
+        for finding in outcome.opened
+    ]
+    rows += [
+        audit.entry(
+            "drift_finding_resolved",
+            f"{row.kind}:{row.environment}:{row.key}",
+            now,
+            fingerprint=row.fingerprint,
+            kind=row.kind,
+            environment=row.environment,
+            environments=list(row.environments),
+            key=row.key,
+            source=row.source,
+            severity=row.severity,
+            opened_at=row.opened_at.isoformat(),
+        )
+        for row in outcome.resolved
+    ]
+    audit.record_many(session, rows)
 
 
 def _record(outcome: Reconciled, environments: list[str]) -> None:

@@ -8,7 +8,7 @@ both sides have, in clear, with types respected (``true`` is not ``1``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import compress
@@ -135,6 +135,9 @@ def detect(data: DriftInput, now: datetime) -> list[Finding]:
     if data.cross:
         readable = {env: flat for env, flat in data.desired.items() if env in data.environments}
         _cross_environment(out, readable)
+        held = data.live.values
+        live = {env: held[env] for env in data.environments if held.get(env)}
+        _type_mismatches(out, live, "live")
     order = {"critical": 0, "warning": 1, "info": 2}
     return sorted(out.findings, key=lambda f: (order[f.severity], f.environment, f.kind, f.key))
 
@@ -242,29 +245,42 @@ def _cross_environment(out: _Builder, desired: Mapping[str, Flat]) -> None:
                     environments=involved,
                     scope="cross",
                 )
-    _type_mismatches(out, desired, names, everywhere)
+    _type_mismatches(out, desired, "desired")
 
 
-def _type_mismatches(
-    out: _Builder, desired: Mapping[str, Flat], names: list[str], keys: Iterable[str]
-) -> None:
-    flats = [desired[name] for name in names]
-    ordered = list(keys)
-    # Python types per environment, compared in C; only keys whose types differ are
-    # looked at (an int beside a float is still one JSON type).
+def _type_mismatches(out: _Builder, flats_by_name: Mapping[str, Flat], source: str) -> None:
+    """``type_mismatch`` for every key whose JSON type differs between any two of the
+    environments that hold it (``source``: their desired files, or their live values)."""
+    names = sorted(flats_by_name)
+    if len(names) < 2:
+        return
+    flats = [flats_by_name[name] for name in names]
+    key_sets = [flat.keys() for flat in flats]
+    everywhere = set(key_sets[0]).intersection(*key_sets[1:])
+    ordered = list(everywhere)
+    # Keys every environment holds (nearly all): Python types per environment, compared in
+    # C; only keys whose types differ are looked at (an int beside a float is still one
+    # JSON type).
     types = [list(map(type, map(flat.__getitem__, ordered))) for flat in flats]
     differs = map(any, zip(*(map(is_not, types[0], other) for other in types[1:]), strict=True))
-    for index in compress(range(len(ordered)), differs):
-        key = ordered[index]
-        kinds = {name: json_type(flat[key]) for name, flat in zip(names, flats, strict=True)}
+    suspects = [(ordered[index], names) for index in compress(range(len(ordered)), differs)]
+    # Keys only some hold (few): compared among those that hold them.
+    for key in set().union(*key_sets) - everywhere:
+        holders = [name for name in names if key in flats_by_name[name]]
+        if len(holders) >= 2:
+            suspects.append((key, holders))
+    for key, holders in suspects:
+        kinds = {name: json_type(flats_by_name[name][key]) for name in holders}
         if len(set(kinds.values())) == 1:
             continue
         shown = ", ".join(f"{name}={kind_name}" for name, kind_name in kinds.items())
+        where = "" if source == "desired" else f" ({source} values)"
         out.add(
             "type_mismatch",
             CROSS,
             key,
-            f"JSON types differ: {shown}",
-            environments=tuple(names),
+            f"JSON types differ{where}: {shown}",
+            environments=tuple(holders),
             scope="cross",
+            source=source,
         )

@@ -2,7 +2,9 @@
 
 A run reconciles what it found with what is stored, within the scopes it covers:
 a finding seen again is updated (last seen, current values); a new one is opened; one that
-was resolved and is back is reopened; an open one not seen any more is resolved.
+was resolved and is back is reopened; an open one not seen any more is resolved. A finding
+that was expected (an ``expected`` rule covered it) and no longer is, because the rule
+expired or was removed, is opened again too: for the alerts it is new drift.
 Everything happens in the caller's transaction.
 """
 
@@ -30,7 +32,8 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
 
 @dataclass
 class Reconciled:
-    opened: list[Finding] = field(default_factory=list)  # new, or back after resolution
+    # new, back after resolution, or no longer expected
+    opened: list[Finding] = field(default_factory=list)
     resolved: list[DriftFindingRow] = field(default_factory=list)
     still_open: int = 0
 
@@ -62,6 +65,10 @@ def reconcile(
     seen_open = [fp for fp in found if fp in open_rows]
     for fingerprint in seen_open:
         row, finding = open_rows[fingerprint], found[fingerprint]
+        if row.expected and not finding.expected:  # its rule expired: drift from now on
+            row.opened_at = now
+            row.times_opened += 1
+            result.opened.append(finding)
         changes = {k: v for k, v in _values(finding).items() if getattr(row, k) != v}
         for name, value in changes.items():
             setattr(row, name, value)

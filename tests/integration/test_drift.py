@@ -6,7 +6,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from tests.helpers import fleet_gauge, run_fleet
 from workers.celery_app import create_app
 from workers.configstore import delete_configuration, set_configuration
-from workers.db.models import Configuration, DriftFindingRow, TaskRun
+from workers.db.models import Configuration, DriftFindingRow, FleetAuditLog, TaskRun
 from workers.locks import job_locks
 from workers.logs import configure_logging
 from workers.runtime import Runtime, install
@@ -323,6 +323,69 @@ def test_metrics_follow_the_findings(app: Celery) -> None:
         )
         == resolved_before + 1
     )
+
+
+def test_an_expiring_rule_opens_its_finding_and_every_event_is_audited(
+    app: Celery, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: when an ``expected`` rule expires, its finding is opened again (counted,
+    so the new-drift alert fires, and logged); openings and resolutions are written to
+    fleet_audit_log, without values."""
+    import tasks.drift
+
+    seed_as_declared(app)
+    seed(app, "production", {"monitoring.sample_rate": 0.9})
+    (config_dir / "drift-rules.yaml").write_text(
+        RULES
+        + """  - key: "monitoring.sample_rate"
+    environments: [production]
+    kinds: [value_changed]
+    reason: load test until the end of June
+    expires: 2026-06-30
+"""
+    )
+    before = datetime(2026, 6, 30, 12, 0, tzinfo=UTC)
+    monkeypatch.setattr(tasks.drift, "clock", lambda: before)
+    detect(app)
+    key = ("value_changed", "production", "monitoring.sample_rate")
+    assert (stored(app)[key].severity, stored(app)[key].expected) == ("info", True)
+
+    labels = {"environment": "production", "kind": "value_changed", "severity": "critical"}
+    opened_before = REGISTRY.get_sample_value("fleet_drift_findings_opened_total", labels) or 0
+    stream = io.StringIO()
+    configure_logging(level="INFO", log_format="json", stream=stream)
+    monkeypatch.setattr(tasks.drift, "clock", lambda: before + timedelta(days=1))
+    expired = detect(app)
+    assert expired["new"] == 1 and expired["new_findings"] == [stored(app)[key].fingerprint]
+    row = stored(app)[key]
+    assert (row.severity, row.expected, row.times_opened) == ("critical", False, 2)
+    assert row.opened_at == before + timedelta(days=1)
+    assert REGISTRY.get_sample_value("fleet_drift_findings_opened_total", labels) == (
+        opened_before + 1
+    )
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["key"] for line in lines if line["event"] == "drift_finding_opened"] == [
+        "monitoring.sample_rate"
+    ]
+    again = detect(app)
+    assert again["new"] == 0  # opened once, not at every run
+
+    seed(app, "production", {"monitoring.sample_rate": 0.1})
+    assert detect(app)["resolved"] == 1
+    with rt_of(app).sessions() as session:
+        events = session.scalars(
+            select(FleetAuditLog)
+            .where(FleetAuditLog.subject == "value_changed:production:monitoring.sample_rate")
+            .order_by(FleetAuditLog.id)
+        ).all()
+    assert [(e.action, e.metadata_["severity"]) for e in events] == [
+        ("drift_finding_opened", "info"),
+        ("drift_finding_opened", "critical"),
+        ("drift_finding_resolved", "critical"),
+    ]
+    assert events[0].metadata_["reason"] == "load test until the end of June"
+    assert all(e.actor == "config-fleet" for e in events)
+    assert "0.9" not in json.dumps([e.metadata_ for e in events])
 
 
 def test_fleet_run_and_drift_report(fleet_env: dict[str, str], config_dir: Path) -> None:

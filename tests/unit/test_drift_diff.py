@@ -180,6 +180,38 @@ def test_type_mismatch_between_environments(values: tuple[Any, ...], mismatch: b
         assert found[0].environment == CROSS and found[0].severity == "warning"
 
 
+def test_type_mismatch_between_every_pair_of_environments_that_declare_the_key() -> None:
+    """A key that only two of three environments declare is still compared (issue 19)."""
+    desired = {
+        "development": {"a": 1, "pool": 10},
+        "staging": {"a": 1, "pool": "10"},
+        "production": {"a": 1},
+    }
+    found = [f for f in run(desired) if f.kind == "type_mismatch"]
+    assert [(f.key, f.environments, f.source) for f in found] == [
+        ("pool", ("development", "staging"), "desired")
+    ]
+    assert found[0].message == "JSON types differ: development=number, staging=string"
+    desired["production"]["pool"] = 10
+    found = [f for f in run(desired) if f.kind == "type_mismatch"]
+    assert [f.environments for f in found] == [("development", "production", "staging")]
+
+
+def test_type_mismatch_between_live_values_is_its_own_finding() -> None:
+    """Desired files agree; the live rows do not: the live comparison finds it, with source
+    ``live`` and its own fingerprint, and never shows either value."""
+    desired = {env: {"timeout": 30} for env in ("staging", "production")}
+    live = {"staging": {"timeout": 30}, "production": {"timeout": "s3cr3t-30"}}
+    found = [f for f in run(desired, live) if f.kind == "type_mismatch"]
+    assert [(f.source, f.environments) for f in found] == [("live", ("production", "staging"))]
+    assert found[0].message == "JSON types differ (live values): production=string, staging=number"
+    assert "s3cr3t" not in repr(found[0].as_dict())
+    both = {"staging": {"timeout": "30"}, "production": {"timeout": 30}}
+    found = [f for f in run(both, both) if f.kind == "type_mismatch"]
+    assert sorted(f.source for f in found) == ["desired", "live"]
+    assert len({f.fingerprint for f in found}) == 2
+
+
 def test_a_single_environment_run_does_not_compare_environments() -> None:
     desired = {"staging": {"a": 1, "b": 1}, "production": {"a": 1}}
     found = run(desired, {"production": {"a": 1}}, environments=["production"], cross=False)
