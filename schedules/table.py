@@ -2,7 +2,10 @@
 
 A schedule is ``name, job, cron, kwargs, queue, misfire_grace_seconds, enabled`` (and an
 optional ``timezone``). ``cron`` is a standard crontab line (minute hour day month
-weekday, Sunday = 0 or 7) or the same with a leading seconds field. Any fault in the file
+weekday, Sunday = 0 or 7) or the same with a leading seconds field, read as crontab reads
+it: when both day-of-month and day-of-week are restricted (neither starts with ``*``), a
+day matching *either* fires (``0 0 13 * 5``: every Friday and every 13th), as Vixie cron
+and robfig/cron (Vault's) do; otherwise both must match. Any fault in the file
 stops the scheduler at start with one line naming the schedule and the fault.
 """
 
@@ -17,6 +20,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -75,7 +80,7 @@ def crontab_weekdays(field_text: str) -> str:
     return ",".join(_WEEKDAY_NAMES[day] for day in ordered)
 
 
-def cron_trigger(expression: str, timezone: str = "UTC") -> CronTrigger:
+def cron_trigger(expression: str, timezone: str = "UTC") -> BaseTrigger:
     """Build the trigger for a 5-field crontab line or a 6-field one with seconds first."""
     fields = expression.split()
     if len(fields) == 5:
@@ -88,15 +93,23 @@ def cron_trigger(expression: str, timezone: str = "UTC") -> CronTrigger:
         zone = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {timezone!r}") from None
-    return CronTrigger(
-        second=second,
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=crontab_weekdays(weekday),
-        timezone=zone,
-    )
+    weekdays = crontab_weekdays(weekday)
+
+    def trigger(day: str, day_of_week: str) -> CronTrigger:
+        return CronTrigger(
+            second=second,
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=day_of_week,
+            timezone=zone,
+        )
+
+    if day.startswith("*") or weekday.startswith("*"):
+        return trigger(day, weekdays)  # one of them unrestricted: both must match
+    # Both restricted: crontab fires on a day matching either (APScheduler alone ANDs).
+    return OrTrigger([trigger(day, "*"), trigger("*", weekdays)])
 
 
 class _ScheduleEntry(BaseModel):
@@ -122,7 +135,7 @@ class Schedule:
     misfire_grace_seconds: int | None
     enabled: bool
     timezone: str = "UTC"
-    trigger: CronTrigger = field(repr=False, compare=False, default=None)
+    trigger: BaseTrigger = field(repr=False, compare=False, default=None)
 
     def next_fires(self, now: datetime, count: int = 1) -> list[datetime]:
         """The next ``count`` fire times strictly after ``now`` (``now`` must be aware)."""

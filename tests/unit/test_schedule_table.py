@@ -40,6 +40,9 @@ def test_a_good_table_parses() -> None:
 
 
 def test_the_shipped_tables_are_valid() -> None:
+    from workers.celery_app import JOB_MODULES, load_jobs
+
+    load_jobs(JOB_MODULES)  # every job the tables may name, whatever ran before
     shipped = load_schedules(default_schedule_file(), JOBS)
     assert {s.job for s in shipped} <= set(JOBS)
     demo = load_schedules(default_schedule_file().with_name("demo.yaml"), JOBS)
@@ -134,6 +137,29 @@ def test_next_fires_with_an_injected_clock(cron: str, now: str, expected: list[s
     assert [f.strftime("%H:%M:%S") for f in fires] == expected
     assert all(f.tzinfo is not None for f in fires)
     assert fires == sorted(set(fires))
+
+
+@pytest.mark.parametrize(
+    ("cron", "expected"),
+    [
+        # 2026-01-01 is a Thursday. Both day fields restricted: either matches (crontab(5)).
+        ("0 0 13 * 5", ["01-02", "01-09", "01-13", "01-16", "01-23"]),
+        ("0 0 1,15 * 1", ["01-05", "01-12", "01-15", "01-19", "01-26"]),
+        ("0 0 31 * 0", ["01-04", "01-11", "01-18", "01-25", "01-31"]),
+        ("0 0 1 * Mon-Wed", ["01-05", "01-06", "01-07", "01-12", "01-13"]),
+        # One of them starts with "*": both must match, as crontab does.
+        ("0 0 */2 * 1", ["01-05", "01-19", "02-09", "02-23", "03-09"]),
+        ("0 0 13 * *", ["01-13", "02-13", "03-13", "04-13", "05-13"]),
+        ("0 0 * * 5", ["01-02", "01-09", "01-16", "01-23", "01-30"]),
+        ("0 0 * * *", ["01-02", "01-03", "01-04", "01-05", "01-06"]),
+    ],
+)
+def test_day_of_month_and_day_of_week_follow_crontab(cron: str, expected: list[str]) -> None:
+    """Expansions as Vixie cron (and robfig/cron, which Vault uses) give them."""
+    (schedule,) = parse_schedules(_entry(cron=f'"{cron}"'), "t.yaml", JOBS)
+    fires = schedule.next_fires(_at("2026-01-01T00:00:00"), count=5)
+    assert [f.strftime("%m-%d") for f in fires] == expected
+    assert all(f.strftime("%H:%M") == "00:00" for f in fires)
 
 
 def test_sunday_zero_means_sunday() -> None:
