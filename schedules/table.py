@@ -5,7 +5,7 @@ optional ``timezone``). ``cron`` is a standard crontab line (minute hour day mon
 weekday, Sunday = 0 or 7) or the same with a leading seconds field, read as crontab reads
 it: when both day-of-month and day-of-week are restricted (neither starts with ``*``), a
 day matching *either* fires (``0 0 13 * 5``: every Friday and every 13th), as Vixie cron
-and robfig/cron (Vault's) do; otherwise both must match. Any fault in the file
+does; otherwise both must match. Any fault in the file
 stops the scheduler at start with one line naming the schedule and the fault.
 """
 

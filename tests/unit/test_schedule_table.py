@@ -155,7 +155,7 @@ def test_next_fires_with_an_injected_clock(cron: str, now: str, expected: list[s
     ],
 )
 def test_day_of_month_and_day_of_week_follow_crontab(cron: str, expected: list[str]) -> None:
-    """Expansions as Vixie cron (and robfig/cron, which Vault uses) give them."""
+    """Expansions as Vixie cron gives them (crontab(5))."""
     (schedule,) = parse_schedules(_entry(cron=f'"{cron}"'), "t.yaml", JOBS)
     fires = schedule.next_fires(_at("2026-01-01T00:00:00"), count=5)
     assert [f.strftime("%m-%d") for f in fires] == expected
