@@ -94,7 +94,12 @@ def fleet_collectors(rt: Runtime) -> list[Collector]:
         with rt.sessions() as session:
             return read_fleet_state(session, datetime.now(UTC))
 
-    return [BacklogCollector(lambda: read_backlog(rt.redis)), FleetStateCollector(read_state)]
+    takeover = rt.settings.impressions_inflight_timeout.total_seconds()
+
+    def read_waiting() -> Any:
+        return read_backlog(rt.redis, orphaned_after=takeover)
+
+    return [BacklogCollector(read_waiting), FleetStateCollector(read_state)]
 
 
 def serve_metrics(port: int, registry: Any, addr: str = "0.0.0.0") -> int:  # noqa: S104

@@ -162,7 +162,23 @@ IMPRESSIONS_DEPTH = ScrapeTimeMetric(
 )
 IMPRESSIONS_OLDEST = ScrapeTimeMetric(
     "fleet_impressions_oldest_age_seconds",
-    "Age of the oldest waiting impression (0 when the list is empty).",
+    "Age of the oldest waiting impression with a readable timestamp (0 when the list is "
+    "empty; unreadable ones are passed over and counted in "
+    "fleet_impressions_oldest_unparsable).",
+)
+IMPRESSIONS_OLDEST_UNPARSABLE = ScrapeTimeMetric(
+    "fleet_impressions_oldest_unparsable",
+    "Unreadable impressions at the old end of the list, passed over to find the oldest age "
+    "(of the oldest 64; the next drain dead-letters them).",
+)
+IMPRESSIONS_IN_FLIGHT = ScrapeTimeMetric(
+    "fleet_impressions_inflight_batches",
+    "Impression batches taken by a drainer and not finished yet.",
+)
+IMPRESSIONS_ORPHANED = ScrapeTimeMetric(
+    "fleet_impressions_orphaned_batches",
+    "Impression batches in flight for longer than the take-over timeout: their worker seems "
+    "gone, and no drainer has taken them over yet.",
 )
 IMPRESSIONS_DEAD = ScrapeTimeMetric(
     "fleet_impressions_dead_letters", "Dead letters waiting in feature_flag_impressions:dead."
@@ -238,6 +254,9 @@ SCRAPE_TIME = (
     BROKER_UP,
     IMPRESSIONS_DEPTH,
     IMPRESSIONS_OLDEST,
+    IMPRESSIONS_OLDEST_UNPARSABLE,
+    IMPRESSIONS_IN_FLIGHT,
+    IMPRESSIONS_ORPHANED,
     IMPRESSIONS_DEAD,
     DATABASE_UP,
     JOB_LAST_SUCCESS,
@@ -287,6 +306,9 @@ class BacklogCollector(Collector):
         yield _single(IMPRESSIONS_DEPTH, backlog.impressions)
         yield _single(IMPRESSIONS_DEAD, backlog.impressions_dead)
         yield _single(IMPRESSIONS_OLDEST, backlog.oldest_impression_age or 0.0)
+        yield _single(IMPRESSIONS_OLDEST_UNPARSABLE, backlog.oldest_unparsable)
+        yield _single(IMPRESSIONS_IN_FLIGHT, backlog.batches_in_flight)
+        yield _single(IMPRESSIONS_ORPHANED, backlog.batches_orphaned)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []

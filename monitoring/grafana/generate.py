@@ -244,9 +244,12 @@ def impressions() -> Board:
     )
     board.add(
         "timeseries",
-        "Dead letters waiting; batches recovered",
+        "Dead letters, batches in flight, orphaned and recovered",
         [
             ("max(fleet_impressions_dead_letters)", "dead letters"),
+            ("max(fleet_impressions_inflight_batches)", "batches in flight"),
+            ("max(fleet_impressions_orphaned_batches)", "batches orphaned"),
+            ("max(fleet_impressions_oldest_unparsable)", "unreadable at the old end"),
             ("sum(increase(fleet_impressions_recovered_batches_total[1h]))", "recovered (1h)"),
             ("sum(increase(fleet_impressions_folded_rows_total[1h]))", "minute rows folded (1h)"),
         ],

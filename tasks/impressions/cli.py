@@ -8,29 +8,6 @@ import click
 
 from workers.cli.common import console, emit_json, json_option, start_runtime
 
-# Move up to ARGV[1] dead letters (oldest first) back to the platform's list as the
-# producers wrote them; with ARGV[2] set, only those of that reason. One atomic step per
-# call: a letter is either still dead or queued again, never both or neither.
-_REPLAY = """
-local moved, kept, seen = 0, {}, 0
-local total = redis.call('LLEN', KEYS[1])
-while seen < total and moved < tonumber(ARGV[1]) do
-  local raw = redis.call('RPOP', KEYS[1])
-  if not raw then break end
-  seen = seen + 1
-  local ok, letter = pcall(cjson.decode, raw)
-  if ok and type(letter) == 'table' and type(letter['payload']) == 'string'
-     and (ARGV[2] == '' or letter['reason'] == ARGV[2]) then
-    redis.call('LPUSH', KEYS[2], letter['payload'])
-    moved = moved + 1
-  else
-    table.insert(kept, raw)
-  end
-end
-for i = #kept, 1, -1 do redis.call('RPUSH', KEYS[1], kept[i]) end
-return moved
-"""
-
 
 @click.group()
 def impressions() -> None:
@@ -49,16 +26,24 @@ def impressions() -> None:
 def replay_dead(limit: int, reason: str | None) -> None:
     """Send dead letters back to feature_flag_impressions (after fixing their cause).
     Those still bad come back to the dead letters on the next drain."""
-    from tasks.impressions.queue import DEAD, SOURCE
+    from tasks.impressions.queue import DEAD, replay_dead_letters
     from tasks.impressions.records import REASONS
 
     if reason is not None and reason not in REASONS:
         raise click.BadParameter(
             f"{reason!r} is not one of {', '.join(REASONS)}", param_hint="--reason"
         )
+    from rich.console import Console
+    from rich.progress import Progress
+
     rt = start_runtime(start_embedded=False)
-    script = rt.redis.register_script(_REPLAY)
-    moved = int(script(keys=[DEAD, SOURCE], args=[limit, reason or ""]))
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("dead letters looked at", total=None)
+
+        def show(looked: int, total: int, moved: int) -> None:
+            bar.update(task, completed=looked, total=total, description=f"{moved} re-queued")
+
+        moved = replay_dead_letters(rt.redis, limit, reason, progress=show)
     left = rt.redis.llen(DEAD)
     click.echo(f"re-queued {moved} dead letters; {left} remain in {DEAD}")
 

@@ -21,18 +21,18 @@ for byte) and the same users.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import redis
 
-from workers.backlog import IMPRESSIONS, IMPRESSIONS_DEAD
+from workers.backlog import IMPRESSIONS, IMPRESSIONS_DEAD, IMPRESSIONS_IN_FLIGHT
 
 SOURCE = IMPRESSIONS
 DEAD = IMPRESSIONS_DEAD
 BATCH_PREFIX = "fleet:impressions:batch:"
-IN_FLIGHT = "fleet:impressions:inflight"
+IN_FLIGHT = IMPRESSIONS_IN_FLIGHT
 
 # The batch keeps the list's order (newest first): readers reverse it. Safe to repeat: a
 # batch id already in flight means this very take ran (its answer was lost and the client
@@ -85,6 +85,56 @@ return 1
 def new_batch_id(now: float) -> str:
     """A batch id that carries its take time, in microseconds: ``<micros>.<random hex>``."""
     return f"{round(now * 1_000_000)}.{uuid.uuid4().hex}"
+
+
+# Replay, one bounded chunk per call: look at up to ARGV[1] of the oldest dead letters (the
+# right end) and send back, as the producers wrote them, those of reason ARGV[3] (any, when
+# empty), up to ARGV[2] of them; the others go to the left end, so the next call looks at
+# letters it has not seen. Each call is atomic (a letter is dead or queued again, never both
+# or neither) and short, so producers pushing meanwhile never meet a busy Redis.
+_REPLAY = """
+local looked, moved = 0, 0
+while looked < tonumber(ARGV[1]) and moved < tonumber(ARGV[2]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  looked = looked + 1
+  local ok, letter = pcall(cjson.decode, raw)
+  if ok and type(letter) == 'table' and type(letter['payload']) == 'string'
+     and (ARGV[3] == '' or letter['reason'] == ARGV[3]) then
+    redis.call('LPUSH', KEYS[2], letter['payload'])
+    moved = moved + 1
+  else
+    redis.call('LPUSH', KEYS[1], raw)
+  end
+end
+return {looked, moved}
+"""
+REPLAY_CHUNK = 1000
+
+
+def replay_dead_letters(
+    client: redis.Redis,
+    limit: int,
+    reason: str | None = None,
+    chunk: int = REPLAY_CHUNK,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> int:
+    """Send up to ``limit`` dead letters (of ``reason``, or any) back to the platform's
+    list, oldest first, ``chunk`` letters looked at per atomic step; each letter present at
+    the start is looked at once. ``progress(looked, total, moved)`` after each step.
+    Returns how many were sent back."""
+    script = client.register_script(_REPLAY)
+    total = int(client.llen(DEAD))
+    looked = moved = 0
+    while looked < total and moved < limit:
+        step = min(chunk, total - looked)
+        seen, sent = script(keys=[DEAD, SOURCE], args=[step, limit - moved, reason or ""])
+        looked, moved = looked + int(seen), moved + int(sent)
+        if progress is not None:
+            progress(looked, total, moved)
+        if not seen:
+            break  # emptied meanwhile (by another replay)
+    return moved
 
 
 @dataclass(frozen=True)

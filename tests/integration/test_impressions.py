@@ -723,6 +723,87 @@ def test_distinct_users_survive_redis_losing_its_sketches(rt: Runtime) -> None:
     assert 1500 * 0.97 <= users <= 1500 * 1.03  # HyperLogLog: within 3%
 
 
+def test_backlog_ages_the_oldest_readable_impression_and_counts_batches_in_flight(
+    rt: Runtime,
+) -> None:
+    """Issue 18: unreadable impressions at the old end no longer read as age 0; batches in
+    flight, and those past the take-over timeout, show at scrape time."""
+    from monitoring.metrics import BacklogCollector
+    from tasks.impressions.queue import ImpressionQueue
+    from workers.backlog import read_backlog
+
+    now = datetime.now(UTC)
+    assert read_backlog(rt.redis, now).oldest_impression_age is None
+    rt.redis.lpush(SOURCE, b"{oops", b'{"timestamp": "soon"}')  # the oldest two: unreadable
+    rt.redis.lpush(SOURCE, _impression("u1", now - timedelta(seconds=90)))
+    rt.redis.lpush(SOURCE, _impression("u2", now - timedelta(seconds=10)))
+    backlog = read_backlog(rt.redis, now)
+    assert backlog.impressions == 4 and backlog.oldest_unparsable == 2
+    assert backlog.oldest_impression_age == pytest.approx(90, abs=0.01)
+
+    rt.redis.lpush(SOURCE, *[_impression(f"u{i}", now) for i in range(10)])
+    queue = ImpressionQueue(rt.redis)
+    assert queue.take(3, now.timestamp() - 300) is not None  # its worker died 5 minutes ago
+    assert queue.take(3, now.timestamp() - 60) is not None
+    assert queue.take(3, now.timestamp()) is not None
+    backlog = read_backlog(rt.redis, now, orphaned_after=120)
+    assert (backlog.batches_in_flight, backlog.batches_orphaned) == (3, 1)
+    assert backlog.oldest_unparsable == 0  # the unreadable ones were taken first
+    assert read_backlog(rt.redis, now, orphaned_after=30).batches_orphaned == 2
+
+    scraped = {
+        family.name: family.samples[0].value
+        for family in BacklogCollector(lambda: backlog).collect()
+        if family.samples and not family.samples[0].labels
+    }
+    assert scraped["fleet_impressions_inflight_batches"] == 3
+    assert scraped["fleet_impressions_orphaned_batches"] == 1
+    assert scraped["fleet_impressions_oldest_unparsable"] == 0
+
+    rt.redis.delete(SOURCE)
+    rt.redis.lpush(SOURCE, *([b"{oops"] * 70))  # more than the window: age unknown, all counted
+    backlog = read_backlog(rt.redis, now)
+    assert (backlog.oldest_impression_age, backlog.oldest_unparsable) == (None, 64)
+
+
+def test_replay_dead_goes_in_bounded_steps_and_looks_at_each_letter_once(rt: Runtime) -> None:
+    """Issue 18: replay moves letters in atomic steps of a bounded size; with a reason, the
+    others stay dead (each looked at once), in their order; letters dead-lettered while the
+    replay runs are left for the next one; a limit is kept."""
+    from tasks.impressions.queue import replay_dead_letters
+
+    def letter(n: int, reason: str) -> bytes:
+        payload = orjson.dumps({"n": n}).decode()
+        return orjson.dumps({"reason": reason, "payload": payload, "batch_id": "b"})
+
+    reasons = ["future_timestamp" if n % 3 == 0 else "not_json" for n in range(2500)]
+    rt.redis.lpush(DEAD, *[letter(n, r) for n, r in enumerate(reasons)], b"not a letter")
+    steps: list[tuple[int, int, int]] = []
+
+    def progress(looked: int, total: int, moved: int) -> None:
+        steps.append((looked, total, moved))
+        if len(steps) == 1:  # a drain dead-letters more while the replay runs
+            rt.redis.lpush(DEAD, letter(9999, "future_timestamp"))
+
+    moved = replay_dead_letters(rt.redis, 10_000, "future_timestamp", chunk=700, progress=progress)
+    wanted = [n for n, r in enumerate(reasons) if r == "future_timestamp"]
+    assert moved == len(wanted)
+    assert [looked for looked, _, _ in steps] == [700, 1400, 2100, 2501]
+    assert {total for _, total, _ in steps} == {2501}
+    requeued = [orjson.loads(item)["n"] for item in rt.redis.lrange(SOURCE, 0, -1)]
+    assert requeued[::-1] == wanted  # oldest first, as they were
+    left = rt.redis.lrange(DEAD, 0, -1)
+    kept = [orjson.loads(raw)["payload"] for raw in left if raw != b"not a letter"]
+    kept_numbers = [orjson.loads(payload)["n"] for payload in kept]
+    assert sorted(kept_numbers) == sorted(
+        [n for n, r in enumerate(reasons) if r == "not_json"] + [9999]
+    )
+    assert b"not a letter" in left
+    rt.redis.delete(SOURCE)
+    assert replay_dead_letters(rt.redis, 5, None, chunk=2) == 5
+    assert rt.redis.llen(SOURCE) == 5
+
+
 def test_replay_dead_sends_letters_back_after_a_fix(fleet_env: dict[str, str]) -> None:
     client = redis.Redis.from_url(fleet_env["FLEET_REDIS_URL"])
     future = (datetime.now(UTC) + timedelta(minutes=30)).replace(tzinfo=None).isoformat()

@@ -41,6 +41,7 @@ KEY_METRICS = {
         "fleet_impressions_queue_depth",
         "fleet_impressions_oldest_age_seconds",
         "fleet_impressions_dead_lettered_total",
+        "fleet_impressions_orphaned_batches",
     ],
     "drift": ["fleet_drift_findings", "fleet_drift_findings_opened_total"],
     "canary": ["fleet_canary_decisions_total"],
