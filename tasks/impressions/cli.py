@@ -57,6 +57,7 @@ def report(hours: int, flag_key: str | None, as_json: bool) -> None:
     from rich.table import Table
     from sqlalchemy import func, select
 
+    from tasks.impressions.doubling import check
     from workers.db.models import FlagImpressionCount, FlagImpressionUsers
 
     rt = start_runtime(start_embedded=False)
@@ -88,6 +89,8 @@ def report(hours: int, flag_key: str | None, as_json: bool) -> None:
     with rt.engine.connect() as connection:
         seen = {tuple(row[:3]): int(row[3]) for row in connection.execute(counts)}
         today = {tuple(row[:3]): int(row[3]) for row in connection.execute(users)}
+        doubled = check(connection, rt.redis, datetime.now(UTC))
+    warnings = [d.message for d in doubled if not flag_key or d.flag_key == flag_key]
     rows = [
         {
             "flag_key": k[0],
@@ -99,7 +102,7 @@ def report(hours: int, flag_key: str | None, as_json: bool) -> None:
         for k in sorted(set(seen) | set(today))
     ]
     if as_json:
-        emit_json({"hours": hours, "rows": rows})
+        emit_json({"hours": hours, "rows": rows, "warnings": warnings})
         return
     table = Table(
         title=f"Impressions, last {hours}h; distinct users today (UTC)", title_justify="left"
@@ -117,6 +120,8 @@ def report(hours: int, flag_key: str | None, as_json: bool) -> None:
             "-" if row["users_today"] is None else f"{row['users_today']:,}",
         )
     console().print(table)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -804,6 +804,60 @@ def test_replay_dead_goes_in_bounded_steps_and_looks_at_each_letter_once(rt: Run
     assert rt.redis.llen(SOURCE) == 5
 
 
+def test_the_report_warns_when_the_platform_still_counts_impressions_itself(
+    rt: Runtime,
+) -> None:
+    """Issue 18: with the platform's per-evaluation UPDATE left on, impression_count grows
+    twice as fast as the fleet's counts; the next report says so, for that flag only."""
+    from tasks.impressions.doubling import check
+
+    add_flags(rt.engine)
+    now = datetime.now(UTC)
+    with rt.engine.connect() as connection:
+        assert check(connection, rt.redis, now) == []  # the first sample: nothing to compare
+
+    def evaluate(flag: str, times: int, platform_counts: bool) -> None:
+        rt.redis.lpush(
+            SOURCE,
+            *[
+                orjson.dumps(
+                    {
+                        "flag_key": flag,
+                        "environment": "production",
+                        "variant": "on",
+                        "user_id": f"u{i}",
+                        "timestamp": now.replace(tzinfo=None).isoformat(),
+                    }
+                )
+                for i in range(times)
+            ],
+        )
+        if platform_counts:  # the reference's track_flag_impression, once per evaluation
+            with rt.engine.begin() as connection:
+                for _ in range(times):
+                    connection.execute(
+                        text(
+                            "UPDATE feature_flags SET impression_count = impression_count + 1 "
+                            "WHERE key = :k AND environment = 'production'"
+                        ),
+                        {"k": flag},
+                    )
+
+    evaluate("new_ui_enabled", 300, platform_counts=True)
+    evaluate("checkout_v2", 300, platform_counts=False)
+    drain(rt, 1000, 30)
+    with rt.engine.connect() as connection:
+        assert check(connection, rt.redis, now + timedelta(seconds=30)) == []  # too soon
+        (doubled,) = check(connection, rt.redis, now + timedelta(seconds=120))
+    assert (doubled.flag_key, doubled.environment) == ("new_ui_enabled", "production")
+    assert (doubled.impression_count_grew, doubled.fleet_counted) == (600, 300)
+    assert "switch off" in doubled.message
+    evaluate("new_ui_enabled", 100, platform_counts=False)  # switched off
+    drain(rt, 1000, 30)
+    with rt.engine.connect() as connection:
+        assert check(connection, rt.redis, now + timedelta(seconds=240)) == []
+
+
 def test_replay_dead_sends_letters_back_after_a_fix(fleet_env: dict[str, str]) -> None:
     client = redis.Redis.from_url(fleet_env["FLEET_REDIS_URL"])
     future = (datetime.now(UTC) + timedelta(minutes=30)).replace(tzinfo=None).isoformat()
