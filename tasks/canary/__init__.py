@@ -118,7 +118,7 @@ def judge_deployment(row: CanaryDeployment, source: MetricsSource, now: datetime
     start = now - timedelta(seconds=row.window_seconds)
     results = []
     for raw in row.metrics:
-        spec = MetricSpec(**raw)
+        spec = MetricSpec.from_dict(raw)
         canary = source.range_samples(
             spec.query.replace("$selector", row.canary_selector), start, now, row.step_seconds
         )
@@ -200,7 +200,7 @@ def analyze_one(
         try:
             verdict = judge_deployment(row, source, now)
             step = after_analysis(_progress(row), verdict.classification, _limits(row))
-            classification = verdict.classification
+            classification, reason = verdict.classification, verdict.reason
         except PrometheusUnavailable as exc:
             step = after_unreachable(_progress(row), now, _limits(row))
             classification, reason = "error", str(exc)
@@ -214,7 +214,7 @@ def analyze_one(
                 verdict=classification,
                 score=verdict.score if verdict else None,
                 results=[m.as_dict() for m in verdict.metrics] if verdict else [],
-                reason=reason or step.reason,
+                reason=_joined(reason, step.reason),
             )
         )
         row.last_analysis_at = now
@@ -225,7 +225,7 @@ def analyze_one(
             "score": verdict.score if verdict else None,
             "state": row.state,
             "decision": step.decision,
-            "reason": reason or step.reason,
+            "reason": _joined(reason, step.reason),
         }
     metrics.CANARY_ANALYSES.labels(classification).inc()
     if step.decision:
@@ -234,6 +234,10 @@ def analyze_one(
     else:
         log.info("canary_analyzed", **outcome)
     return outcome
+
+
+def _joined(*reasons: str | None) -> str | None:
+    return "; ".join(r for r in reasons if r) or None
 
 
 def record_states(rt: Runtime) -> dict[str, int]:

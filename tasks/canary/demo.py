@@ -77,7 +77,9 @@ def latency_exposition(center: Callable[[], float], seed: int) -> Callable[[], s
     return render
 
 
-def latency_canary(name: str, job: str, key: str, value: Any, **analysis: Any) -> CanarySpec:
+def latency_canary(
+    name: str, job: str, key: str, value: Any, *, critical: bool = False, **analysis: Any
+) -> CanarySpec:
     """A production change judged on ``app_latency_seconds`` of scrape job ``job`` against
     the ``baseline`` job. By default at the demo's pace: judged every run, over the last
     20 s of 1 s samples; ``analysis`` overrides."""
@@ -92,7 +94,9 @@ def latency_canary(name: str, job: str, key: str, value: Any, **analysis: Any) -
                     "name": "latency",
                     "query": "app_latency_seconds{$selector}",
                     "direction": "increase",
-                    "critical": True,
+                    # Critical, a metric without data fails the analysis: the demo judges
+                    # from its first second, before 8 samples are in.
+                    "critical": critical,
                 }
             ],
             "analysis": {

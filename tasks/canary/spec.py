@@ -34,12 +34,29 @@ class Change(_Strict):
     value: Any
 
 
+class EffectSize(_Strict):
+    """Kayenta's ``effectSize``; unset limits take the measure's default."""
+
+    measure: Literal["meanRatio", "cles"] = "meanRatio"
+    allowed_increase: float | None = Field(default=None, gt=0)
+    allowed_decrease: float | None = Field(default=None, gt=0)
+    critical_increase: float | None = Field(default=None, gt=0)
+    critical_decrease: float | None = Field(default=None, gt=0)
+
+
 class Metric(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     query: str = Field(min_length=1)
     direction: Literal["increase", "decrease", "either"] = "increase"
     critical: bool = False
     threshold: float | None = None
+    must_have_data: bool = False
+    muted: bool = False
+    groups: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    nan_strategy: Literal["remove", "replace"] = "remove"
+    outliers: Literal["keep", "remove"] = "keep"
+    outlier_factor: float = Field(default=3.0, gt=0)
+    effect_size: EffectSize | None = None
 
     @field_validator("query")
     @classmethod
@@ -59,7 +76,7 @@ class Analysis(_Strict):
     passes: int = Field(default=3, ge=1)
     failure_limit: int = Field(default=2, ge=1)
     inconclusive_limit: int = Field(default=3, ge=1)
-    min_samples: int = Field(default=10, ge=3)
+    min_samples: int = Field(default=10, ge=1)
     prometheus_deadline: int = 300
 
     @field_validator("interval", "window", "step", "prometheus_deadline", mode="before")
@@ -71,9 +88,16 @@ class Analysis(_Strict):
 class Judge(_Strict):
     confidence: float = Field(default=0.98, gt=0.5, lt=1)
     tolerance: float = Field(default=0.25, ge=0)
-    iqr_factor: float = Field(default=3.0, gt=0)
     pass_threshold: float = Field(default=95.0, ge=0, le=100)
     marginal_threshold: float = Field(default=75.0, ge=0, le=100)
+    group_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("group_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in value.values()) or sum(value.values()) > 100:
+            raise ValueError("group weights are percentages: each at least 0, together at most 100")
+        return value
 
 
 class CanarySpec(_Strict):

@@ -31,9 +31,16 @@ from workers.runtime import Runtime, install
 from workers.settings import FleetSettings
 
 
-def spec(name: str, canary_job: str, key: str, **analysis: Any) -> CanarySpec:
+def spec(
+    name: str, canary_job: str, key: str, *, critical: bool = False, **analysis: Any
+) -> CanarySpec:
     return latency_canary(
-        name, canary_job, key, 25, **{"inconclusive_limit": 3, "min_samples": 10, **analysis}
+        name,
+        canary_job,
+        key,
+        25,
+        critical=critical,
+        **{"inconclusive_limit": 3, "min_samples": 10, **analysis},
     )
 
 
@@ -137,21 +144,35 @@ def test_too_few_samples_never_promote(
 ) -> None:
     rt = runtime_for(postgres_url, redis_url, tmp_path, scraped)
     seed(rt, "a.key")
+    seed(rt, "b.key")
+    thin = spec(
+        "thin", "canary_good", "a.key", critical=True, min_samples=500, inconclusive_limit=2
+    )
+    quiet = thin.model_copy(
+        update={
+            "name": "thin-not-critical",
+            "change": thin.change.model_copy(update={"key": "b.key"}),
+            "metrics": [thin.metrics[0].model_copy(update={"critical": False})],  # as default
+        }
+    )
     with rt.sessions.begin() as session:
-        create_deployment(
-            session,
-            spec("thin", "canary_good", "a.key", min_samples=500, inconclusive_limit=2),
-            datetime.now(UTC),
-            "test",
-        )
+        create_deployment(session, thin, datetime.now(UTC), "test")
+        create_deployment(session, quiet, datetime.now(UTC), "test")
     analyze(rt)
     result = analyze(rt)
-    assert [a["verdict"] for a in result["analyses"]] == ["nodata"]
+    verdicts = {a["deployment"]: a["verdict"] for a in result["analyses"]}
+    # a critical metric without data fails the analysis; otherwise it is inconclusive
+    assert verdicts == {"thin": "fail", "thin-not-critical": "nodata"}
     with rt.sessions() as session:
-        row = session.scalars(select(CanaryDeployment)).one()
-        assert row.state == "rolled_back" and "missing data is not health" in (
-            row.decision_reason or ""
-        )
+        rows = {r.name: r for r in session.scalars(select(CanaryDeployment))}
+        assert rows["thin"].state == "rolled_back"
+        assert "2 failing analyses" in (rows["thin"].decision_reason or "")
+        assert rows["thin-not-critical"].state == "rolled_back"
+        assert "missing data is not health" in (rows["thin-not-critical"].decision_reason or "")
+        reasons = session.scalars(select(CanaryAnalysis.reason)).all()
+        assert all(
+            "at least 500 each are needed" in (r or "") or "NODATA" in (r or "") for r in reasons
+        ), reasons
     rt.close()
 
 

@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.canary.judge import JudgeConfig, MetricResult, MetricSpec, clean, judge_metric, score
+from tasks.canary import judge as judge_module
+from tasks.canary.judge import (
+    EffectSize,
+    JudgeConfig,
+    MetricResult,
+    MetricSpec,
+    judge_metric,
+    score,
+)
 from tasks.canary.machine import Limits, Progress, abort, after_analysis, after_unreachable
 
 CONFIG = JudgeConfig(min_samples=10)
@@ -17,6 +25,11 @@ CONFIG = JudgeConfig(min_samples=10)
 def noisy(center: float, n: int = 60, spread: float = 0.05, seed: int = 1) -> list[float]:
     rng = random.Random(seed)
     return [center * (1 + rng.uniform(-spread, spread)) for _ in range(n)]
+
+
+def gaussian(center: float, n: int = 60, sd: float = 0.05, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.gauss(center, sd * center) for _ in range(n)]
 
 
 def spec(direction: str = "increase", **extra: object) -> MetricSpec:
@@ -28,11 +41,11 @@ def spec(direction: str = "increase", **extra: object) -> MetricSpec:
     [
         (noisy(100, seed=1), noisy(100, seed=2), "increase", "pass", False),
         (noisy(200, seed=1), noisy(100, seed=2), "increase", "high", True),
-        (noisy(200, seed=1), noisy(100, seed=2), "decrease", "high", False),  # up is fine here
-        (noisy(50, seed=1), noisy(100, seed=2), "increase", "low", False),  # down is fine here
+        (noisy(200, seed=1), noisy(100, seed=2), "decrease", "pass", False),  # up is fine here
+        (noisy(50, seed=1), noisy(100, seed=2), "increase", "pass", False),  # down is fine here
         (noisy(50, seed=1), noisy(100, seed=2), "decrease", "low", True),
         (noisy(50, seed=1), noisy(100, seed=2), "either", "low", True),
-        (noisy(110, seed=1), noisy(100, seed=2), "increase", "pass", False),  # within 25%
+        (noisy(110, seed=1), noisy(100, seed=2), "increase", "high", True),  # 10 %, clear
         ([5.0] * 30, [5.0] * 30, "increase", "pass", False),  # all ties
     ],
 )
@@ -43,33 +56,109 @@ def test_metric_classification(
     assert (result.classification, result.failed) == (classification, failed)
 
 
+@pytest.mark.parametrize("regression", [1.10, 1.15, 1.20])
+def test_a_ten_to_twenty_percent_regression_with_five_percent_noise_fails(
+    regression: float,
+) -> None:
+    """The judge before Kayenta's rule asked for a shift beyond 25 % of the baseline's
+    median and passed every one of these; Kayenta's interval rule fails them all."""
+    for seed in range(20):
+        canary = gaussian(100 * regression, seed=seed)
+        baseline = gaussian(100, seed=1000 + seed)
+        result = judge_metric(spec(), canary, baseline, CONFIG)
+        assert result.classification == "high", (seed, result)
+        assert result.lower is not None and result.estimate is not None
+        assert result.lower > 0.25 * abs(result.estimate)
+
+
+def test_a_healthy_canary_passes_at_the_confidence_asked_for() -> None:
+    highs = sum(
+        judge_metric(
+            spec(), gaussian(100, seed=s), gaussian(100, seed=500 + s), CONFIG
+        ).classification
+        == "high"
+        for s in range(50)
+    )
+    assert highs <= 2  # one-sided false alarms at 98 % confidence: about 1 in 100
+
+
 def test_too_few_samples_is_nodata_not_a_pass() -> None:
     result = judge_metric(spec(), noisy(100, n=9), noisy(100), CONFIG)
-    assert result.classification == "nodata"
+    assert (result.classification, result.failed) == ("nodata", False)
     assert result.reason == "9 canary and 60 baseline samples; at least 10 each are needed"
+    strict = judge_metric(spec(must_have_data=True), noisy(100, n=9), noisy(100), CONFIG)
+    assert (strict.classification, strict.failed) == ("nodata_fail", True)
+    # min_samples 1 judges as Kayenta does
+    one = judge_metric(spec(), noisy(100, n=9), noisy(100), JudgeConfig(min_samples=1))
+    assert one.classification == "pass"
 
 
-def test_nan_and_infinities_are_dropped_before_counting() -> None:
-    canary = noisy(100, n=12) + [math.nan] * 20 + [math.inf]
-    assert clean(canary, 3.0).size == 12
+def test_nan_and_infinities_are_missing_values() -> None:
+    canary = noisy(100, n=12) + [math.nan] * 20 + [math.inf, -math.inf]
     assert judge_metric(spec(), canary, noisy(100), CONFIG).canary_samples == 12
-    assert judge_metric(spec(), [math.nan] * 30, noisy(100), CONFIG).classification == "nodata"
+    empty = judge_metric(spec(), [math.nan] * 30, noisy(100), CONFIG)
+    assert (empty.classification, empty.reason) == ("nodata", "Missing data for latency")
+    strict = judge_metric(spec(must_have_data=True), [math.nan] * 30, noisy(100), CONFIG)
+    assert (strict.classification, strict.failed) == ("nodata_fail", True)
+    # replace: NaN is 0, so a canary reporting NaN most of the time is low, not missing
+    replaced = judge_metric(
+        spec("either", nan_strategy="replace"),
+        noisy(100, n=10) + [math.nan] * 40,
+        noisy(100),
+        CONFIG,
+    )
+    assert (replaced.canary_samples, replaced.classification) == (50, "low")
 
 
-def test_outliers_do_not_fail_a_healthy_canary() -> None:
+def test_outliers_are_kept_unless_asked_and_then_cut_at_the_judges_fences() -> None:
     canary = [*noisy(100, seed=4), 10000.0, 9000.0]
-    result = judge_metric(spec(), canary, noisy(100, seed=5), CONFIG)
-    assert result.classification == "pass" and result.canary_samples == 60
+    kept = judge_metric(spec(), canary, noisy(100, seed=5), CONFIG)
+    assert (kept.classification, kept.canary_samples) == ("pass", 62)
+    cut = judge_metric(spec(outliers="remove"), canary, noisy(100, seed=5), CONFIG)
+    # reduced sensitivity: the fence is never inside the 99th percentile (9,390 here)
+    assert (cut.classification, cut.canary_samples) == ("pass", 61)
 
 
 def test_an_absolute_threshold_fails_first() -> None:
     result = judge_metric(spec(threshold=90.0), noisy(100, seed=1), noisy(100, seed=2), CONFIG)
     assert (result.classification, result.failed) == ("high", True)
-    assert "threshold 90" in (result.reason or "")
+    assert "beyond the threshold 90" in (result.reason or "")
 
 
-def result(classification: str, failed: bool = False, critical: bool = False) -> MetricResult:
-    return MetricResult("m", classification, failed, critical, 30, 30)
+def test_effect_size_thresholds_let_small_shifts_through() -> None:
+    canary, baseline = noisy(110, seed=1), noisy(100, seed=2)
+    allowed = spec(effect_size=EffectSize(allowed_increase=1.2))
+    assert judge_metric(allowed, canary, baseline, CONFIG).classification == "pass"
+    strict = spec(effect_size=EffectSize(allowed_increase=1.05))
+    assert judge_metric(strict, canary, baseline, CONFIG).classification == "high"
+    cles = spec(effect_size=EffectSize(measure="cles", allowed_increase=0.9))
+    judged = judge_metric(cles, canary, baseline, CONFIG)
+    assert judged.classification == "high" and (judged.effect_size or 0) > 0.99
+
+
+def test_a_failing_classification_is_an_error_and_no_evidence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(judge_module.kayenta, "classify", broken)
+    result = judge_metric(spec(), noisy(100), noisy(100), CONFIG)
+    assert result.classification == "error" and not result.failed
+    assert result.reason == (
+        "Metric Classification Failed: ZeroDivisionError: float division by zero"
+    )
+    assert score([result], CONFIG).classification == "nodata"  # Kayenta would say 100
+
+
+def result(
+    classification: str,
+    failed: bool = False,
+    critical: bool = False,
+    groups: tuple[str, ...] = ("default",),
+    muted: bool = False,
+) -> MetricResult:
+    return MetricResult("m", classification, failed, critical, 30, 30, muted, groups)
 
 
 @pytest.mark.parametrize(
@@ -79,17 +168,50 @@ def result(classification: str, failed: bool = False, critical: bool = False) ->
         ([result("pass")] * 19 + [result("high", True)], "pass", 95.0),
         ([result("pass")] * 3 + [result("high", True)], "marginal", 75.0),
         ([result("pass"), result("high", True)], "fail", 50.0),
+        ([result("pass"), result("nodata_fail", True)], "fail", 50.0),
         ([result("pass")] * 9 + [result("high", True, critical=True)], "fail", 0.0),
-        ([result("pass"), result("nodata")], "nodata", None),
+        ([result("pass")] * 3 + [result("nodata", critical=True)], "fail", 0.0),
+        ([result("pass")] * 3 + [result("nodata")], "pass", 100.0),  # left out
+        ([result("pass"), result("nodata")], "nodata", 0.0),  # half without data
+        ([result("pass"), result("error")], "nodata", 0.0),
+        ([result("high", True, muted=True), result("pass")], "pass", 100.0),
+        ([result("high", True, muted=True)], "nodata", None),
         ([], "nodata", None),
-        ([result("low"), result("pass")], "pass", 100.0),  # low but not in the bad direction
     ],
 )
-def test_scoring_like_kayenta(
+def test_scoring_as_kayenta_does(
     results: list[MetricResult], verdict: str, value: float | None
 ) -> None:
     scored = score(results, CONFIG)
     assert (scored.classification, scored.score) == (verdict, value)
+
+
+def test_groups_are_weighted() -> None:
+    results = [
+        result("pass", groups=("latency",)),
+        result("pass", groups=("latency",)),
+        result("pass", groups=("errors",)),
+        result("high", True, groups=("errors",)),
+    ]
+    weighted = score(results, JudgeConfig(group_weights={"latency": 70, "errors": 30}))
+    assert (weighted.classification, weighted.score) == ("marginal", 85.0)
+    assert weighted.groups == {"latency": 100.0, "errors": 50.0}
+    even = score(results, CONFIG)  # unweighted groups share 100
+    assert even.score == 75.0
+
+
+def test_stored_metrics_of_older_deployments_still_load() -> None:
+    old = {
+        "name": "l",
+        "query": "q{$selector}",
+        "direction": "increase",
+        "critical": False,
+        "threshold": None,
+    }
+    assert MetricSpec.from_dict(old) == MetricSpec("l", "q{$selector}")
+    new = {**old, "groups": ["a", "b"], "effect_size": {"measure": "cles"}, "future": 1}
+    loaded = MetricSpec.from_dict(new)
+    assert loaded.groups == ("a", "b") and loaded.effect_size.measure == "cles"
 
 
 LIMITS = Limits(
@@ -150,3 +272,18 @@ def test_abort_and_final_states() -> None:
     for final in ("promoted", "rolled_back", "aborted"):
         assert abort(Progress(state=final)).decision is None
         assert after_analysis(Progress(state=final), "fail", LIMITS).decision is None
+
+
+def test_the_readmes_deployment_example_is_a_valid_spec() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from tasks.canary.spec import CanarySpec
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start = readme.index("name: pool-size-25")
+    example = CanarySpec.model_validate(yaml.safe_load(readme[start : readme.index("```", start)]))
+    metric = MetricSpec.from_dict(example.metrics[1].model_dump())
+    assert metric.groups == ("latency",) and metric.effect_size.allowed_increase == 1.1
+    assert example.judge.group_weights == {"default": 60, "latency": 40}
