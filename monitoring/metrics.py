@@ -132,8 +132,13 @@ CANARY_ANALYSES = Counter(
 )
 CANARY_DECISIONS = Counter(
     "fleet_canary_decisions",
-    "Canary decisions taken (promote, rollback).",
+    "Canary decisions taken (promote, rollback, or conflict: another hand's change found).",
     ["decision"],
+)
+CONFIG_ANNOUNCE_FAILURES = Counter(
+    "fleet_config_announce_failures",
+    "Configuration writes committed whose cache invalidation or change event failed "
+    "(Redis unreachable): readers may see the old value until the cache entry expires.",
 )
 
 # Fleet-wide state, read at scrape time by ``fleet exporter`` only ---------------------
@@ -246,7 +251,7 @@ CANARY_SCORE = ScrapeTimeMetric(
 )
 CANARY_DEPLOYMENTS = ScrapeTimeMetric(
     "fleet_canary_deployments",
-    "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted).",
+    "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted, conflict).",
     ("state",),
 )
 SCRAPE_TIME = (

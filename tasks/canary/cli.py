@@ -16,6 +16,22 @@ def canary() -> None:
     """Configuration canaries: start one, watch them, abort one."""
 
 
+def _notifier(rt: Any) -> Any:
+    """Where cache invalidations and change events go; None (said) when Redis cannot be
+    reached, the writes still made."""
+    try:
+        client = rt.redis
+        client.ping()
+    except Exception as exc:
+        click.echo(
+            f"warning: Redis unreachable ({type(exc).__name__}): configuration written "
+            "without cache invalidation or change event",
+            err=True,
+        )
+        return None
+    return client
+
+
 def _spec_from_flags(options: dict[str, Any]) -> dict[str, Any]:
     missing = [
         f"--{k.replace('_', '-')}"
@@ -74,7 +90,7 @@ def start(spec_file: Path | None, **options: Any) -> None:
     import yaml
     from pydantic import ValidationError
 
-    from tasks.canary import create_deployment
+    from tasks.canary import CanaryRefused, create_deployment
     from tasks.canary.spec import CanarySpec
     from workers.yamlio import load_yaml
 
@@ -96,13 +112,23 @@ def start(spec_file: Path | None, **options: Any) -> None:
 
     try:
         with rt.sessions.begin() as session:
-            deployment = create_deployment(session, spec, datetime.now(UTC), "cli")
+            deployment = create_deployment(
+                session, spec, datetime.now(UTC), "cli", notify=_notifier(rt)
+            )
             replaced = deployment.replaces_version
+            written = len(deployment.overrides or [])
     except IntegrityError:
         raise FleetCliError(f"a canary named {spec.name!r} exists already", exit_code=2) from None
+    except CanaryRefused as exc:
+        raise FleetCliError(str(exc), exit_code=2) from None
+    subset = (
+        f"; candidate written for its subset ({written} override{'s' * (written != 1)})"
+        if written
+        else "; no subset named: give the candidate to the canary instances yourself"
+    )
     click.echo(
         f"canary {spec.name} started: {spec.change.environment} {spec.change.key} "
-        f"(replacing {replaced or 'nothing'})"
+        f"(replacing {replaced or 'nothing'}){subset}"
     )
 
 
@@ -135,6 +161,8 @@ def status(as_json: bool) -> None:
             "last_verdict": last[r.id].verdict if r.id in last else None,
             "last_score": last[r.id].score if r.id in last else None,
             "decision_reason": r.decision_reason,
+            "subset": r.subset,
+            "conflict": r.conflict,
         }
         for r in rows
     ]
@@ -169,7 +197,7 @@ def status(as_json: bool) -> None:
 @canary.command()
 @click.argument("name")
 def abort(name: str) -> None:
-    """Stop judging NAME and restore the version it replaced."""
+    """Stop judging NAME and take the candidate away from its canary subset."""
     from sqlalchemy import select
 
     from tasks.canary import apply_decision
@@ -193,8 +221,11 @@ def abort(name: str) -> None:
         )
         if step.decision is None:
             raise FleetCliError(f"canary {name} is {row.state} already")
-        apply_decision(session, row, step, now)
-    click.echo(f"canary {name} aborted; {row.environment} {row.key} restored")
+        apply_decision(session, row, step, now, _notifier(rt))
+        state, why = row.state, row.decision_reason
+    if state == "conflict":
+        raise FleetCliError(f"canary {name}: {why}")
+    click.echo(f"canary {name} aborted; the canary subset's overrides of {row.key} removed")
 
 
 def register(group: click.Group) -> None:

@@ -4,8 +4,11 @@ Canaries are judged only with a Prometheus to ask. Where none is configured but 
 ``prometheus`` is installed, the demo starts one of its own (in the demo's home, on a free
 loopback port, scraping every second) and three small apps for it to scrape: a baseline,
 a healthy canary and one whose latency is three times the baseline's. Two deployments
-change two production keys; ``canary.analyze`` promotes the first and rolls back the
-second, as it would in production. With no Prometheus at all the demo says so plainly.
+change two production keys, each giving the candidate to its canary subset (a tenant);
+``canary.analyze`` promotes the first and rolls back the second, as it would in
+production, and the demo counts the change events published on
+``config_changes:production`` as the platform's watchers would receive them. With no
+Prometheus at all the demo says so plainly.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sqlalchemy import func, select
 
 from monitoring.prometheus_process import PrometheusProcess
 from tasks.canary import create_deployment
-from tasks.canary.spec import CanarySpec
+from tasks.canary.spec import CanarySpec, Subset
 from workers.db.models import CanaryDeployment, TaskRun
 from workers.runtime import Runtime
 
@@ -125,6 +128,8 @@ class CanaryAct:
         self.own: PrometheusProcess | None = None
         self.apps: ExpositionServer | None = None
         self.judged_by: str | None = None
+        self.events: list[bytes] = []
+        self.watching: Any = None
 
     def prepare(self, rt: Runtime, now: datetime) -> str:
         if rt.settings.prometheus_url is not None:
@@ -161,9 +166,14 @@ class CanaryAct:
             return f"canary: analysis skipped, the demo's prometheus did not start: {tail}"
         self.judged_by = self.own.url
         self.env = {"FLEET_PROMETHEUS_URL": self.own.url}
+        pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.psubscribe(**{"config_changes:*": lambda m: self.events.append(m["data"])})
+        self.watching = pubsub.run_in_thread(sleep_time=0.1, daemon=True)
         with rt.sessions.begin() as session:
             for name, job, key, value, _ in DEPLOYMENTS:
-                create_deployment(session, latency_canary(name, job, key, value), now, "fleet-demo")
+                spec = latency_canary(name, job, key, value)
+                spec = spec.model_copy(update={"subset": Subset(tenants=["acme"])})
+                create_deployment(session, spec, now, "fleet-demo", notify=rt.redis)
         return (
             f"canary: prometheus at {self.own.url} scrapes a baseline and two canaries; "
             f"{DEPLOYMENTS[0][0]} should be promoted, {DEPLOYMENTS[1][0]} (3x latency) rolled back"
@@ -188,7 +198,10 @@ class CanaryAct:
         if self.judged_by is None:
             return f"canary: {runs} runs, each skipped (no Prometheus), as expected"
         states = ", ".join(f"{name}={state}" for name, state in sorted(self._states(rt).items()))
-        return f"canary: {runs} runs against {self.judged_by}; {states or 'no deployments'}"
+        return (
+            f"canary: {runs} runs against {self.judged_by}; {states or 'no deployments'}; "
+            f"{len(self.events)} change events on config_changes:*"
+        )
 
     def problems(self, rt: Runtime) -> list[str]:
         with rt.sessions() as session:
@@ -212,9 +225,16 @@ class CanaryAct:
             ]
             if wrong:
                 return [f"canary: {'; '.join(wrong)}"]
+            # start: 2 overrides; promotion: environment + override; rollback: override
+            if len(self.events) < 5:
+                return [f"canary: {len(self.events)} change events seen, 5 expected"]
         return []
 
     def close(self) -> None:
+        if self.watching is not None:
+            self.watching.stop()
+            self.watching.join(timeout=5)
+            self.watching = None
         if self.own is not None:
             self.own.close()
         if self.apps is not None:

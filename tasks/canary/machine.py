@@ -2,9 +2,11 @@
 
 ``pending`` becomes ``analyzing`` at the first analysis. Promotion after ``passes_required``
 passing analyses; rollback at ``failure_limit`` failing ones, at ``inconclusive_limit``
-inconclusive ones (``nodata`` or ``marginal``: missing data never counts as healthy), or
-when Prometheus has been unreachable for longer than the deadline. ``promoted``,
-``rolled_back`` and ``aborted`` are final. Counts are cumulative over the deployment.
+inconclusive ones (``nodata``, ``marginal`` or ``error``: missing data never counts as
+healthy), when Prometheus has been unreachable for longer than the deadline, or once the
+deployment is older than its ``max_duration``. ``promoted``, ``rolled_back``, ``aborted``
+and ``conflict`` (set when writing the decision found another hand's change) are final.
+Counts are cumulative over the deployment.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-FINAL = ("promoted", "rolled_back", "aborted")
+FINAL = ("promoted", "rolled_back", "aborted", "conflict")
 ACTIVE = ("pending", "analyzing")
 
 
@@ -60,7 +62,7 @@ def after_analysis(progress: Progress, verdict: str, limits: Limits) -> Step:
                 "rollback",
                 f"{progress.failures} failing analyses (limit {limits.failure_limit})",
             )
-    else:  # nodata or marginal
+    else:  # nodata, marginal or error
         progress = replace(progress, inconclusives=progress.inconclusives + 1)
         if progress.inconclusives >= limits.inconclusive_limit:
             return Step(
@@ -86,6 +88,17 @@ def after_unreachable(progress: Progress, now: datetime, limits: Limits) -> Step
             f"(deadline {int(limits.prometheus_deadline.total_seconds())}s)",
         )
     return Step(progress, None, "Prometheus unreachable; waiting for the deadline")
+
+
+def expired(progress: Progress, max_duration_seconds: int) -> Step:
+    """Older than its ``max_duration`` without a decision: rolled back."""
+    if progress.state in FINAL:
+        return Step(progress, None, f"already {progress.state}")
+    return Step(
+        replace(progress, state="rolled_back"),
+        "rollback",
+        f"no decision within max_duration ({max_duration_seconds}s)",
+    )
 
 
 def abort(progress: Progress) -> Step:

@@ -6,7 +6,7 @@ import re
 from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -32,6 +32,22 @@ class Change(_Strict):
     scope: str = "environment"
     tenant: str | None = None
     value: Any
+
+
+class Subset(_Strict):
+    """The canary subset, at one of the platform's narrower scopes: a service
+    (``scope: service``) or tenants (``scope: tenant``, one override per tenant)."""
+
+    service: str | None = Field(default=None, min_length=1)
+    tenants: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> Subset:
+        if (self.service is None) == (self.tenants is None):
+            raise ValueError("name the canary subset as service: NAME or tenants: [IDS]")
+        if self.tenants is not None and len(set(self.tenants)) != len(self.tenants):
+            raise ValueError("a tenant is named twice")
+        return self
 
 
 class EffectSize(_Strict):
@@ -78,8 +94,11 @@ class Analysis(_Strict):
     inconclusive_limit: int = Field(default=3, ge=1)
     min_samples: int = Field(default=10, ge=1)
     prometheus_deadline: int = 300
+    max_duration: int = Field(default=7200, ge=1)
 
-    @field_validator("interval", "window", "step", "prometheus_deadline", mode="before")
+    @field_validator(
+        "interval", "window", "step", "prometheus_deadline", "max_duration", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return _seconds(value)
@@ -105,6 +124,16 @@ class CanarySpec(_Strict):
     change: Change
     canary: str = Field(min_length=1, description='label matchers, e.g. instance="canary"')
     baseline: str = Field(min_length=1)
+    subset: Subset | None = None
     metrics: list[Metric] = Field(min_length=1)
     analysis: Analysis = Field(default_factory=Analysis)
     judge: Judge = Field(default_factory=Judge)
+
+    @model_validator(mode="after")
+    def _subset_is_narrower(self) -> CanarySpec:
+        if self.subset is not None and self.change.scope not in ("environment", "global"):
+            raise ValueError(
+                "with a canary subset, change.scope is the scope promotion writes: "
+                "environment or global"
+            )
+        return self

@@ -444,6 +444,11 @@ class CanaryDeployment(Base):
     inconclusive_limit: Mapped[int] = mapped_column(Integer)
     min_samples: Mapped[int] = mapped_column(Integer)
     prometheus_deadline_seconds: Mapped[int] = mapped_column(Integer)
+    max_duration_seconds: Mapped[int] = mapped_column(Integer, default=7200)
+    # The canary subset ({"service": NAME} or {"tenants": [IDS]}) and what start wrote
+    # there: [{scope, tenant_id, version, previous_value, previous_version}].
+    subset: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    overrides: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDocument)
     # Where it stands.
     state: Mapped[str] = mapped_column(String(16))
     passes: Mapped[int] = mapped_column(Integer, default=0)
@@ -453,6 +458,8 @@ class CanaryDeployment(Base):
     last_analysis_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     decision_reason: Mapped[str | None] = mapped_column(Text)
+    # When a promotion or rollback found another hand's change: what it found.
+    conflict: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDocument)
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
