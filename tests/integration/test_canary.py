@@ -445,3 +445,37 @@ def test_cli_start_status_abort(fleet_env: dict[str, str], tmp_path: Path) -> No
     unreadable = run_fleet("canary", "start", str(broken), env=fleet_env)
     assert unreadable.returncode == 2
     assert unreadable.stderr.startswith(f"fleet: error: {broken}: not valid YAML")
+
+
+def test_a_database_error_in_an_analysis_is_recorded_apart_and_the_others_go_on(
+    scraped: str, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The database refuses the analysis's own transaction (a trigger, as a constraint or
+    a full disk would): the analysis is recorded as ``error`` in a transaction of its own
+    and the next deployment is still analyzed."""
+    rt = runtime_for(postgres_url, redis_url, tmp_path, scraped)
+    seed(rt, "g.key")
+    seed(rt, "h.key")
+    with rt.sessions.begin() as session:
+        create_deployment(session, spec("refused", "canary_good", "g.key"), datetime.now(UTC), "t")
+        create_deployment(session, spec("fine", "canary_good", "h.key"), datetime.now(UTC), "t")
+    with rt.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_pass() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.verdict = 'pass' AND NEW.deployment_id = (SELECT id FROM "
+            "canary_deployments WHERE name = 'refused') THEN "
+            "RAISE EXCEPTION 'disk full (simulated)'; END IF; RETURN NEW; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_pass BEFORE INSERT ON canary_analyses "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_pass()"
+        )
+    outcomes = {a["deployment"]: a for a in analyze(rt)["analyses"]}
+    assert outcomes["refused"]["verdict"] == "error"
+    assert "disk full (simulated)" in outcomes["refused"]["reason"]
+    assert outcomes["fine"]["verdict"] == "pass"
+    with rt.sessions() as session:
+        rows = {r.name: r for r in session.scalars(select(CanaryDeployment))}
+        assert (rows["refused"].state, rows["refused"].inconclusives) == ("analyzing", 1)
+        assert rows["fine"].passes == 1
+    rt.close()
