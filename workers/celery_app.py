@@ -12,6 +12,7 @@ Choices that keep work from being lost:
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 from celery import Celery
@@ -70,17 +71,38 @@ def route_by_job(name: str, *_args: Any, **_kwargs: Any) -> dict[str, str] | Non
     return {"queue": spec.queue} if spec is not None else None
 
 
+# A message unacknowledged this long after the longest run could have lasted is given
+# to another worker: the run's worker is gone.
+VISIBILITY_MARGIN = 120
+
+
+def longest_hard_limit(limits: JobTimeLimits, jobs: dict[str, JobSpec]) -> tuple[str, float]:
+    longest = max(jobs.values(), key=lambda spec: limits.limits(spec)[1])
+    return longest.name, limits.limits(longest)[1]
+
+
+def visibility_timeout(
+    limits: JobTimeLimits, jobs: dict[str, JobSpec], configured: int | None
+) -> int:
+    """The configured timeout (checked), or the longest hard limit plus the margin."""
+    if configured is not None:
+        check_time_limits(limits, jobs, configured)
+        return configured
+    if not jobs:
+        return VISIBILITY_MARGIN
+    return math.ceil(longest_hard_limit(limits, jobs)[1]) + VISIBILITY_MARGIN
+
+
 def check_time_limits(
     limits: JobTimeLimits, jobs: dict[str, JobSpec], visibility_timeout: int
 ) -> None:
     if not jobs:
         return
-    longest = max(jobs.values(), key=lambda spec: limits.limits(spec)[1])
-    hard = limits.limits(longest)[1]
+    name, hard = longest_hard_limit(limits, jobs)
     if hard >= visibility_timeout:
         raise SettingsError(
             f"FLEET_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard "
-            f"time limit ({longest.name}: {hard:g}s), or a slow run is given to a second worker"
+            f"time limit ({name}: {hard:g}s), or a slow run is given to a second worker"
         )
 
 
@@ -89,21 +111,21 @@ def create_app(rt: Runtime) -> Celery:
     modules = job_modules(rt)
     jobs = load_jobs(modules)
     limits = JobTimeLimits(settings.time_limits)
-    check_time_limits(limits, jobs, settings.visibility_timeout)
+    visibility = visibility_timeout(limits, jobs, settings.visibility_timeout)
 
     app = Celery("fleet", set_as_current=True)
     transport = {
-        "visibility_timeout": settings.visibility_timeout,
+        "visibility_timeout": visibility,
         # How often a worker looks for messages whose worker died (their visibility
         # timeout passed). Frequent enough that a short timeout in tests is honoured.
-        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+        "unacked_restore_interval": max(1, min(10, visibility // 4)),
         "unacked_restore_throttle": 1,
     }
     app.conf.update(
         broker_url=rt.broker_url,
         result_backend=rt.broker_url,
         broker_transport_options=transport,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": visibility},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         result_serializer="json",

@@ -106,7 +106,12 @@ class FleetSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Celery.
-    visibility_timeout: int = Field(default=7200, gt=0)
+    # None: the longest hard time limit of the loaded jobs plus VISIBILITY_MARGIN.
+    visibility_timeout: int | None = Field(default=None, gt=0)
+    # Worker heartbeats (seconds): how often each worker beats, and how long without a
+    # beat makes its running runs lost.
+    worker_heartbeat_interval: float = Field(default=15.0, gt=0)
+    worker_lost_after: float = Field(default=90.0, gt=0)
     time_limits: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(default_factory=dict)
     worker_concurrency: int = Field(default=2, ge=1, le=256)
     result_expires: int = Field(default=86400, gt=0)
@@ -279,6 +284,16 @@ class FleetSettings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}VAULT_DATABASE_MOUNTS needs {ENV_PREFIX}VAULT_ADDR "
                 "(the embedded secret store has no database secrets engine)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lost_after_spans_beats(self) -> FleetSettings:
+        if self.worker_lost_after < 2 * self.worker_heartbeat_interval:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKER_LOST_AFTER ({self.worker_lost_after:g}s) must be at least "
+                f"twice {ENV_PREFIX}WORKER_HEARTBEAT_INTERVAL "
+                f"({self.worker_heartbeat_interval:g}s), or a slow beat marks live runs lost"
             )
         return self
 

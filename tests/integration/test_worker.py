@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine, select
 
 from tests.helpers import FleetProcess, run_fleet, wait_for
 from workers.db import make_engine
 from workers.db.models import TaskRun
+from workers.liveness import HEARTBEATS
 
 Spawn = Callable[..., FleetProcess]
 
@@ -86,6 +89,41 @@ def test_a_worker_killed_mid_task_has_the_task_run_again_by_another(
     lost, rerun = runs(engine, task_id)
     assert lost.worker != rerun.worker
     assert second.popen.poll() is None
+
+
+def test_a_killed_workers_run_is_marked_lost_by_a_live_worker_before_any_redelivery(
+    env: dict[str, str], spawn: Spawn, engine: Engine, redis_client: redis.Redis
+) -> None:
+    """The message of a SIGKILLed worker comes back only after the visibility timeout
+    (600 s here); the live worker's heartbeat check finds the run within seconds."""
+    env.update(
+        FLEET_VISIBILITY_TIMEOUT="600",
+        FLEET_TIME_LIMITS='{"*": [20, 25]}',
+        FLEET_WORKER_HEARTBEAT_INTERVAL="0.5",
+        FLEET_WORKER_LOST_AFTER="3",
+    )
+    live = spawn("worker", "-c", "1", "-Q", "canary", "--metrics-port", "0", env=env, name="live")
+    doomed = spawn("worker", "-c", "1", "--metrics-port", "0", env=env, name="doomed")
+    task_id = enqueue(env, "--arg", "hold_seconds=5")
+    wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")
+    (row,) = runs(engine, task_id)
+    beats = {k.decode() for k in redis_client.zrange(HEARTBEATS, 0, -1)}
+    assert row.worker in beats and len(beats) == 2
+    doomed.kill_group(signal.SIGKILL)
+    doomed.popen.wait(10)
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: outcomes(engine, task_id) == ["lost"],
+        timeout=30,
+        what=f"the live worker to mark the run lost: {outcomes(engine, task_id)}",
+    )
+    assert time.monotonic() - killed_at < 15
+    (row,) = runs(engine, task_id)
+    assert row.error == "worker stopped its heartbeat for over 3s before the run finished"
+    wait_for(lambda: "task_runs_lost" in live.output(), timeout=10, what="the log line")
+    assert live.stop() == 0  # a warm shutdown leaves the set: gone, not lost
+    remaining = {k.decode() for k in redis_client.zrange(HEARTBEATS, 0, -1)}
+    assert remaining == {row.worker}  # only the killed one, which never said goodbye
 
 
 def test_a_killed_pool_child_gives_its_task_back(

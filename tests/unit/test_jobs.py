@@ -8,7 +8,14 @@ from celery import Celery
 
 import tasks.heartbeat  # noqa: F401 - declares fleet.heartbeat
 from tests import jobs_for_tests
-from workers.celery_app import JobTimeLimits, check_time_limits, create_app, route_by_job
+from workers.celery_app import (
+    VISIBILITY_MARGIN,
+    JobTimeLimits,
+    check_time_limits,
+    create_app,
+    route_by_job,
+    visibility_timeout,
+)
 from workers.jobs import (
     JOBS,
     JobArgumentError,
@@ -116,6 +123,21 @@ def test_visibility_timeout_must_exceed_every_hard_limit() -> None:
     check_time_limits(JobTimeLimits({}), JOBS, visibility_timeout=7200)
     shortened = JobTimeLimits({"fleet.heartbeat": (1.0, 2.0)})
     check_time_limits(shortened, {"fleet.heartbeat": JOBS["fleet.heartbeat"]}, 3)
+
+
+def test_the_default_visibility_timeout_is_the_longest_hard_limit_plus_a_margin(
+    tmp_path: Any,
+) -> None:
+    longest = max(spec.time_limit for spec in JOBS.values())
+    assert visibility_timeout(JobTimeLimits({}), JOBS, None) == longest + VISIBILITY_MARGIN
+    assert visibility_timeout(JobTimeLimits({"*": (3.0, 4.5)}), JOBS, None) == 5 + 120
+    application = create_app(
+        Runtime(FleetSettings(home=tmp_path), redis_url="redis://127.0.0.1:1/0")
+    )
+    transport = application.conf.broker_transport_options
+    assert transport["visibility_timeout"] == 600 + 120  # heartbeat and aggregate: 600 s
+    with pytest.raises(SettingsError, match="must exceed the longest hard time limit"):
+        visibility_timeout(JobTimeLimits({}), JOBS, 60)
 
 
 def test_pickle_is_refused(app: Celery) -> None:

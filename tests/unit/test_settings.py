@@ -46,6 +46,7 @@ def test_postgres_url_uses_psycopg3(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FLEET_TIME_LIMITS", '{"a": [5, 3]}', "FLEET_TIME_LIMITS: a: soft limit 5.0 must be"),
         ("FLEET_VAULT_TOKEN_FILE", "/nonexistent/token", "FLEET_VAULT_TOKEN_FILE: /nonexistent"),
         ("FLEET_EXTRA_JOB_MODULES", "tasks.x", "FLEET_EXTRA_JOB_MODULES: not valid JSON"),
+        ("FLEET_WORKER_LOST_AFTER", "20", "FLEET_WORKER_LOST_AFTER (20s) must be at least twice"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_variable(

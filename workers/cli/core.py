@@ -135,7 +135,21 @@ def worker(
         without_gossip=True,
         without_mingle=True,
     )
-    process.start()
+    from datetime import timedelta
+
+    from workers.liveness import Heartbeat
+
+    heartbeat = Heartbeat(
+        rt,
+        node,
+        settings.worker_heartbeat_interval,
+        timedelta(seconds=settings.worker_lost_after),
+    )
+    heartbeat.start()
+    try:
+        process.start()
+    finally:
+        heartbeat.stop()
     sys.exit(process.exitcode or 0)
 
 
