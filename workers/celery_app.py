@@ -84,13 +84,17 @@ def longest_hard_limit(limits: JobTimeLimits, jobs: dict[str, JobSpec]) -> tuple
 def visibility_timeout(
     limits: JobTimeLimits, jobs: dict[str, JobSpec], configured: int | None
 ) -> int:
-    """The configured timeout (checked), or the longest hard limit plus the margin."""
+    """The configured timeout (checked), or the longest a message may stay unacknowledged
+    with a live worker (a run's hard limit, or a retry's countdown: Redis gives a message
+    held for its countdown to another worker too) plus the margin."""
     if configured is not None:
         check_time_limits(limits, jobs, configured)
         return configured
     if not jobs:
         return VISIBILITY_MARGIN
-    return math.ceil(longest_hard_limit(limits, jobs)[1]) + VISIBILITY_MARGIN
+    longest_wait = max(spec.retry.backoff_cap for spec in jobs.values())
+    held = max(longest_hard_limit(limits, jobs)[1], longest_wait)
+    return math.ceil(held) + VISIBILITY_MARGIN
 
 
 def check_time_limits(

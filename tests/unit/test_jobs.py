@@ -128,14 +128,16 @@ def test_visibility_timeout_must_exceed_every_hard_limit() -> None:
 def test_the_default_visibility_timeout_is_the_longest_hard_limit_plus_a_margin(
     tmp_path: Any,
 ) -> None:
-    longest = max(spec.time_limit for spec in JOBS.values())
+    longest = max(max(spec.time_limit, spec.retry.backoff_cap) for spec in JOBS.values())
     assert visibility_timeout(JobTimeLimits({}), JOBS, None) == longest + VISIBILITY_MARGIN
-    assert visibility_timeout(JobTimeLimits({"*": (3.0, 4.5)}), JOBS, None) == 5 + 120
+    shortened = {"fleet.heartbeat": JOBS["fleet.heartbeat"]}  # retries wait up to 30 s
+    assert visibility_timeout(JobTimeLimits({"*": (3.0, 4.5)}), shortened, None) == 30 + 120
     application = create_app(
         Runtime(FleetSettings(home=tmp_path), redis_url="redis://127.0.0.1:1/0")
     )
     transport = application.conf.broker_transport_options
-    assert transport["visibility_timeout"] == 600 + 120  # heartbeat and aggregate: 600 s
+    # the longest: heartbeat's and aggregate's 600 s runs, secrets.rotate's 600 s countdown
+    assert transport["visibility_timeout"] == 600 + 120
     with pytest.raises(SettingsError, match="must exceed the longest hard time limit"):
         visibility_timeout(JobTimeLimits({}), JOBS, 60)
 
