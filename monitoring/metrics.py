@@ -61,6 +61,12 @@ DRIFT_OPENED = Counter(
     "Drift findings opened (new, or back after being resolved).",
     ["environment", "kind", "severity"],
 )
+DRIFT_CACHE_HEALED = Counter(
+    "fleet_drift_cache_healed",
+    "Stale entries of the platform's configuration cache deleted (and their change events "
+    "published) by drift detection, with FLEET_DRIFT_HEAL_CACHE=true.",
+    ["environment"],
+)
 DRIFT_RESOLVED = Counter(
     "fleet_drift_findings_resolved",
     "Drift findings resolved: the difference is gone.",

@@ -31,7 +31,14 @@ ENV_PREFIX = "FLEET_"
 
 # Fields whose raw input must never be echoed back in an error message.
 _SECRET_FIELDS = frozenset(
-    {"database_url", "redis_url", "vault_token", "vault_secret_id", "secret_key"}
+    {
+        "database_url",
+        "redis_url",
+        "drift_cache_redis_url",
+        "vault_token",
+        "vault_secret_id",
+        "secret_key",
+    }
 )
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "sqlite")
@@ -77,6 +84,10 @@ class FleetSettings(BaseSettings):
     # Services. None means: run on the embedded default.
     database_url: str | None = Field(default=None, repr=False)
     redis_url: str | None = Field(default=None, repr=False)
+    # Drift: the platform's Redis, whose configuration cache is compared with the database
+    # (default: the fleet's), and whether stale entries are invalidated.
+    drift_cache_redis_url: str | None = Field(default=None, repr=False)
+    drift_heal_cache: bool = False
     vault_addr: str | None = None
     vault_token: SecretStr | None = Field(default=None, repr=False)
     vault_token_file: Path | None = None
@@ -151,6 +162,7 @@ class FleetSettings(BaseSettings):
     @field_validator(
         "database_url",
         "redis_url",
+        "drift_cache_redis_url",
         "vault_addr",
         "vault_token",
         "vault_token_file",
@@ -220,7 +232,7 @@ class FleetSettings(BaseSettings):
             )
         return value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "drift_cache_redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is None:
@@ -336,7 +348,11 @@ class FleetSettings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values that must never reach logs, metrics, errors or results in clear."""
-        found = [url_password(self.database_url), url_password(self.redis_url)]
+        found = [
+            url_password(self.database_url),
+            url_password(self.redis_url),
+            url_password(self.drift_cache_redis_url),
+        ]
         with contextlib.suppress(OSError):
             found.append(self.vault_token_value())
         for secret in (

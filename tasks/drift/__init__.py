@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tasks.drift.cache import CacheEntry, read_entries
 from tasks.drift.diff import DriftInput, detect
 from tasks.drift.model import CROSS, Finding
 from tasks.drift.rules import Rules, RulesError, load_rules, parse_rules
@@ -31,6 +33,7 @@ from tasks.drift.sources import (
 )
 from tasks.drift.store import Reconciled, reconcile
 from workers import audit
+from workers.configstore import announce
 from workers.db.models import Configuration
 from workers.fleetstate import DRIFT_RUN, record_health
 from workers.jobs import PermanentError, RetryPolicy, job, skipped
@@ -162,6 +165,7 @@ def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
             reason=problem.reason,
         )
     problems.extend(live.problems)
+    cache = platform_cache(rt, environments, problems)
     return DriftInput(
         desired=desired,
         live=live,
@@ -169,7 +173,57 @@ def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
         environments=environments,
         cross=cross,
         problems=problems,
+        cache=cache,
     )
+
+
+def cache_client(rt: Runtime) -> redis.Redis:
+    url = rt.settings.drift_cache_redis_url
+    return redis.Redis.from_url(url) if url else rt.redis
+
+
+def platform_cache(
+    rt: Runtime, environments: list[str], problems: list[SourceProblem]
+) -> list[CacheEntry]:
+    """The platform's cached configuration values with their rows; an unreachable cache
+    is a problem of each environment's, said, never a silent pass."""
+    try:
+        return read_entries(cache_client(rt), rt.engine, environments)
+    except redis.RedisError as exc:
+        reason = f"the platform's cache could not be read: {type(exc).__name__}"
+        log.error("drift_cache_unreadable", error=str(exc))
+        problems.extend(SourceProblem(env, "platform cache", reason) for env in environments)
+        return []
+
+
+def heal_cache(rt: Runtime, session: Session, entries: list[CacheEntry], now: datetime) -> int:
+    """Stale entries deleted and their change events published, each audit-logged."""
+    from monitoring import metrics
+
+    stale = [entry for entry in entries if entry.stale()]
+    if not stale:
+        return 0
+    client = cache_client(rt)
+    failed = announce(client, [entry.change(now) for entry in stale])
+    audit.record_many(
+        session,
+        [
+            audit.entry(
+                "drift_cache_healed",
+                entry.cache_key,
+                now,
+                environment=entry.environment,
+                scope=entry.scope,
+                key=entry.key,
+                tenant_id=entry.tenant_id,
+            )
+            for entry in stale
+        ],
+    )
+    for entry in stale:
+        metrics.DRIFT_CACHE_HEALED.labels(entry.environment).inc()
+    log.warning("drift_cache_healed", entries=len(stale), not_announced=failed)
+    return len(stale)
 
 
 @job(
@@ -209,12 +263,16 @@ def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -
     with rt.sessions.begin() as session:
         outcome = reconcile(session, found, scopes, now)
         _audit(session, outcome, now)
+        healed = heal_cache(rt, session, data.cache, now) if rt.settings.drift_heal_cache else 0
         # Open findings are read from drift_findings at scrape time (fleet exporter); the
         # time of this run is what no table records.
         covered = environments + ([CROSS, "all"] if cross else [])
         record_health(session, DRIFT_RUN, dict.fromkeys(covered, now.timestamp()), now)
     _record(outcome, environments)
-    return summary(found, outcome, environments, max_findings)
+    result = summary(found, outcome, environments, max_findings)
+    result["cache_entries"] = len(data.cache)
+    result["cache_healed"] = healed
+    return result
 
 
 def _audit(session: Session, outcome: Reconciled, now: datetime) -> None:

@@ -1,5 +1,8 @@
 """The drift act of ``fleet demo``: live configuration seeded from the sample desired files
-with deliberate drift; findings appear; one difference is fixed and its finding resolves."""
+with deliberate drift; findings appear; one difference is fixed and its finding resolves.
+One entry of the platform's configuration cache is left stale on purpose (a value the
+database does not hold, under the platform's own cache key), for a ``stale_cache``
+finding."""
 
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ DELIBERATE_DRIFT: list[tuple[str, str, Any]] = [
 ]
 # The difference the demo repairs mid-way, to show a finding resolve.
 FIXED = ("production", "services.chat_service.replicas")
+# A cache entry the platform forgot to invalidate (its _build_cache_key spelling).
+STALE_CACHE = ("production", "security.csrf_protection", "config::production:environment:")
 
 
 def seed_live(session: Session, config_dir: Any, now: datetime, *, drift: bool = True) -> int:
@@ -69,8 +74,11 @@ class DriftAct:
     def prepare(self, rt: Runtime, now: datetime) -> str:
         with rt.sessions.begin() as session:
             written = seed_live(session, rt.settings.configuration_dir, now)
+        environment, key, prefix = STALE_CACHE
+        rt.redis.set(prefix + key, '"stale"', ex=3600)
         return (
             f"drift: seeded {written} live keys with {len(DELIBERATE_DRIFT)} deliberate differences"
+            f" and one stale cache entry ({environment} {key})"
         )
 
     def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None:
@@ -102,7 +110,8 @@ class DriftAct:
         open_by = {sev: n for sev, is_open, n in rows if is_open}
         resolved = sum(n for _, is_open, n in rows if not is_open)
         shown = ", ".join(f"{n} {sev}" for sev, n in sorted(open_by.items())) or "none"
-        return f"drift findings open: {shown}; resolved: {resolved}"
+        stale = "found" if self._stale_found(rt) else "not found yet"
+        return f"drift findings open: {shown}; resolved: {resolved}; stale cache entry {stale}"
 
     def problems(self, rt: Runtime) -> list[str]:
         if not self._any_open(rt):
@@ -111,7 +120,23 @@ class DriftAct:
             return ["drift: the demo's fix was never made (no finding to fix)"]
         if self._open(rt, *FIXED):
             return [f"drift: the fixed {FIXED[0]} {FIXED[1]} finding is still open"]
+        if not self._stale_found(rt):
+            return ["drift: the stale cache entry was not found"]
         return []
+
+    def _stale_found(self, rt: Runtime) -> bool:
+        environment, key, _ = STALE_CACHE
+        with rt.sessions() as session:
+            query = (
+                select(func.count())
+                .select_from(DriftFindingRow)
+                .where(
+                    DriftFindingRow.kind == "stale_cache",
+                    DriftFindingRow.environment == environment,
+                    DriftFindingRow.key == f"{key}@environment",
+                )
+            )
+            return bool(session.scalar(query))
 
     def _open(self, rt: Runtime, environment: str, key: str) -> bool:
         with rt.sessions() as session:

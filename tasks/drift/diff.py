@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from tasks.drift.cache import CacheEntry
 from tasks.drift.model import CROSS, Finding, show
 from tasks.drift.rules import Rules
 from tasks.drift.schema import cross_field_problems, schema_problems
@@ -71,6 +72,7 @@ class DriftInput:
     environments: list[str]
     cross: bool = True
     problems: list[SourceProblem] = field(default_factory=list)
+    cache: list[CacheEntry] = field(default_factory=list)
 
 
 class _Builder:
@@ -132,6 +134,7 @@ def detect(data: DriftInput, now: datetime) -> list[Finding]:
             _schema(out, environment, desired, "desired")
         if live:
             _schema(out, environment, live, "live")
+    _stale_cache(out, [e for e in data.cache if e.environment in data.environments])
     if data.cross:
         readable = {env: flat for env, flat in data.desired.items() if env in data.environments}
         _cross_environment(out, readable)
@@ -283,4 +286,28 @@ def _type_mismatches(out: _Builder, flats_by_name: Mapping[str, Flat], source: s
             environments=tuple(holders),
             scope="cross",
             source=source,
+        )
+
+
+def _stale_cache(out: _Builder, entries: list[CacheEntry]) -> None:
+    """Cached values that are not the database's: never shown for a sensitive key."""
+    for entry in entries:
+        if not entry.stale():
+            continue
+        hidden = entry.sensitive or out.rules.is_sensitive(entry.key)
+        if not entry.live_present:
+            message, before = "cached, but no active row at this scope", None
+        elif entry.unreadable:
+            message, before = "cached value is not JSON", show(entry.live, hidden)
+        else:
+            message = "cached value differs from the active row"
+            before = show(entry.live, hidden or entry.checksum is not None)
+        out.add(
+            "stale_cache",
+            entry.environment,
+            entry.where,
+            f"{message} ({entry.cache_key})",
+            before=before,
+            after=None if entry.unreadable else show(entry.cached, hidden),
+            source="cache",
         )

@@ -16,6 +16,7 @@ KINDS = (
     "type_mismatch",
     "schema_violation",
     "invalid_source",
+    "stale_cache",
 )
 SEVERITIES = ("critical", "warning", "info")
 # The environment label of findings that compare environments with each other.

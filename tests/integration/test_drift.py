@@ -546,3 +546,108 @@ def test_planted_secrets_leak_nowhere_with_good_or_broken_rules(
                 else "every value is treated as sensitive"
             )
             assert invalid and which in invalid[0]["message"], phase
+
+
+def test_stale_entries_of_the_platforms_cache_are_found_and_healed_on_request(
+    app: Celery, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries in the reference's key format (both spellings) against the active rows:
+    current ones pass, stale, orphaned and unreadable ones are ``stale_cache``; a secret's
+    cached value never appears. With healing on, the entries go and the platform's change
+    events are published; the next run resolves the findings."""
+    from tests.platform_reader import Watcher
+
+    rt = rt_of(app)
+    seed_as_declared(app)
+    with rt.sessions.begin() as session:
+        set_configuration(
+            session,
+            key="security.csrf_protection",
+            value=False,
+            environment="production",
+            scope="tenant",
+            tenant_id="acme",
+            user_id="t",
+            now=datetime.now(UTC),
+        )
+        set_configuration(
+            session,
+            key="database.postgresql.password",
+            value="hunter2-live",
+            environment="production",
+            sensitive=True,
+            user_id="t",
+            now=datetime.now(UTC),
+        )
+    cache = rt.redis
+    cache.set("config:production:environment:services.chat_service.replicas", "10")  # fresh
+    cache.set("config::production:environment:monitoring.sample_rate", "0.25")  # stale
+    cache.set("config::production:tenant:security.csrf_protection:acme", "true")  # stale
+    cache.set("config:production:service:security.cors_origins", '["x"]')  # no such row
+    cache.set("config:staging:environment:monitoring.sample_rate", "{not json")
+    cache.set("config::production:environment:database.postgresql.password", '"hunter2-old"')
+    cache.set(
+        "config:production:environment:services.chat_service.autoscaling.enabled", "true"
+    )  # fresh
+    result = detect(app)
+    assert result["cache_entries"] == 7 and result["cache_healed"] == 0
+    found = {k: r for k, r in stored(app).items() if k[0] == "stale_cache"}
+    assert sorted((env, key) for _, env, key in found) == [
+        ("production", "database.postgresql.password@environment"),
+        ("production", "monitoring.sample_rate@environment"),
+        ("production", "security.cors_origins@service"),
+        ("production", "security.csrf_protection@tenant/acme"),
+        ("staging", "monitoring.sample_rate@environment"),
+    ]
+    rate = found[("stale_cache", "production", "monitoring.sample_rate@environment")]
+    assert (rate.before, rate.after, rate.severity) == ("0.1", "0.25", "critical")
+    secret = found[("stale_cache", "production", "database.postgresql.password@environment")]
+    assert (secret.before, secret.after) == ("***", "***")
+    everything = json.dumps(result) + json.dumps([r.message for r in found.values()])
+    assert "hunter2" not in everything
+    assert cache.get("config::production:environment:monitoring.sample_rate") == b"0.25"
+
+    monkeypatch.setattr(rt, "settings", rt.settings.model_copy(update={"drift_heal_cache": True}))
+    watcher = Watcher(redis_url, rt.engine)
+    try:
+        healed = detect(app)
+        assert healed["cache_healed"] == 5
+        events = watcher.wait_for(5)
+        assert sorted(
+            (e["environment"], e["scope"], e["key"], e["tenant_id"] or "") for e in events
+        ) == [
+            ("production", "environment", "database.postgresql.password", ""),
+            ("production", "environment", "monitoring.sample_rate", ""),
+            ("production", "service", "security.cors_origins", ""),
+            ("production", "tenant", "security.csrf_protection", "acme"),
+            ("staging", "environment", "monitoring.sample_rate", ""),
+        ]
+    finally:
+        watcher.close()
+    assert sorted(k.decode() for k in cache.keys("config:*")) == [
+        "config:production:environment:services.chat_service.autoscaling.enabled",
+        "config:production:environment:services.chat_service.replicas",
+    ]
+    with rt.sessions() as session:
+        audited = session.scalars(
+            select(FleetAuditLog.subject).where(FleetAuditLog.action == "drift_cache_healed")
+        ).all()
+    assert len(audited) == 5
+    detect(app)
+    assert not [
+        k for k, r in stored(app).items() if k[0] == "stale_cache" and r.resolved_at is None
+    ]
+
+
+def test_an_unreachable_platform_cache_is_said_not_passed(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.helpers import free_port
+
+    rt = rt_of(app)
+    seed_as_declared(app)
+    down = {"drift_cache_redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+    monkeypatch.setattr(rt, "settings", rt.settings.model_copy(update=down))
+    detect(app)
+    problems = [k for k in stored(app) if k[0] == "invalid_source"]
+    assert ("invalid_source", "production", "platform cache") in problems
