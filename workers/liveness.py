@@ -1,6 +1,9 @@
 """Worker heartbeats, and runs left ``running`` by a worker that stopped beating.
 
-Each ``fleet worker`` records, every ``worker_heartbeat_interval``, the time in the Redis
+Each ``fleet worker`` runs a small companion process (``python -m workers.liveness``; a
+process, not a thread, since the worker forks its pool children and a thread holding a lock
+at that moment would leave the child deadlocked) that records, every
+``worker_heartbeat_interval``, the time in the Redis
 sorted set ``fleet:workers:heartbeats`` under its node name (the name ``task_runs.worker``
 holds), and removes it on a warm shutdown. At each beat it also looks for runs still
 ``running`` whose worker has not beaten for ``worker_lost_after`` (or never did, for runs
@@ -13,6 +16,10 @@ worker was only cut off from Redis and finishes after all gets its real outcome 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -91,7 +98,7 @@ def mark_lost(rt: Any, now: datetime, lost_after: timedelta) -> dict[str, int]:
 
 
 class Heartbeat:
-    """The beating thread of one worker process."""
+    """The beating loop of one worker (run in its companion process)."""
 
     def __init__(
         self,
@@ -103,11 +110,7 @@ class Heartbeat:
     ) -> None:
         self.rt, self.node, self.interval, self.lost_after = rt, node, interval, lost_after
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self.stopped = threading.Event()
 
     def tick(self) -> None:
         now = self.clock()
@@ -121,17 +124,59 @@ class Heartbeat:
         except Exception as exc:  # the check must never stop the beating
             log.warning("lost_run_check_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self, parent: int | None = None) -> bool:
+        """Beat until stopped (True) or until the parent process is gone (False)."""
+        while not self.stopped.is_set():
+            if parent is not None and os.getppid() != parent:
+                return False
             started = time.monotonic()
             self.tick()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self.stopped.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        return True
 
-    def stop(self) -> None:
-        """Warm shutdown: stop beating and leave the set (the node is gone, not lost)."""
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+
+def companion(node: str) -> subprocess.Popen[bytes]:
+    """Start the beating process of worker ``node`` (this process): same environment,
+    same output. It stops on SIGTERM (leaving the set), or by itself once this process
+    is gone (leaving its last beat to grow old)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.liveness", node, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def stop_companion(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
         try:
-            self.rt.redis.zrem(HEARTBEATS, self.node)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: list[str]) -> int:
+    from datetime import timedelta
+
+    from workers.cli.common import start_runtime
+
+    node, parent = argv[0], int(argv[1])
+    rt = start_runtime(start_embedded=False)
+    settings = rt.settings
+    heartbeat = Heartbeat(
+        rt, node, settings.worker_heartbeat_interval, timedelta(seconds=settings.worker_lost_after)
+    )
+    signal.signal(signal.SIGTERM, lambda *_: heartbeat.stopped.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker's Ctrl-C is the worker's
+    if heartbeat.run(parent):
+        try:
+            rt.redis.zrem(HEARTBEATS, node)
         except redis.RedisError as exc:
-            log.warning("worker_heartbeat_failed", node=self.node, error=str(exc))
+            log.warning("worker_heartbeat_failed", node=node, error=str(exc))
+        return 0
+    log.warning("worker_gone", node=node, parent=parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

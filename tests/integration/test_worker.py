@@ -104,14 +104,32 @@ def test_a_killed_workers_run_is_marked_lost_by_a_live_worker_before_any_redeliv
     )
     live = spawn("worker", "-c", "1", "-Q", "canary", "--metrics-port", "0", env=env, name="live")
     doomed = spawn("worker", "-c", "1", "--metrics-port", "0", env=env, name="doomed")
-    task_id = enqueue(env, "--arg", "hold_seconds=5")
+    task_id = enqueue(env, "--arg", "hold_seconds=20")
     wait_for(lambda: outcomes(engine, task_id) == ["running"], timeout=60, what="the run")
     (row,) = runs(engine, task_id)
-    beats = {k.decode() for k in redis_client.zrange(HEARTBEATS, 0, -1)}
-    assert row.worker in beats and len(beats) == 2
-    doomed.kill_group(signal.SIGKILL)
+
+    def beating() -> set[str]:
+        return {k.decode() for k in redis_client.zrange(HEARTBEATS, 0, -1)}
+
+    wait_for(lambda: len(beating()) == 2, timeout=30, what=f"two heartbeats: {beating()}")
+    assert row.worker in beating()
+    companion = [
+        int(p.name)
+        for p in Path("/proc").glob("[0-9]*")
+        if _parent_of(p / "stat") == doomed.pid and _is_heartbeat(p)
+    ]
+    assert len(companion) == 1
+    os.kill(doomed.pid, signal.SIGKILL)  # the main process only, as the OOM killer would
     doomed.popen.wait(10)
     killed_at = time.monotonic()
+    wait_for(
+        lambda: (
+            not Path(f"/proc/{companion[0]}/cmdline").exists()
+            or not _is_heartbeat(Path(f"/proc/{companion[0]}"))
+        ),
+        timeout=10,
+        what="the orphaned heartbeat to stop by itself",
+    )
     wait_for(
         lambda: outcomes(engine, task_id) == ["lost"],
         timeout=30,
@@ -121,6 +139,8 @@ def test_a_killed_workers_run_is_marked_lost_by_a_live_worker_before_any_redeliv
     (row,) = runs(engine, task_id)
     assert row.error == "worker stopped its heartbeat for over 3s before the run finished"
     wait_for(lambda: "task_runs_lost" in live.output(), timeout=10, what="the log line")
+    assert outcomes(engine, task_id) == ["lost"]  # the orphaned pool child is still on it
+    doomed.kill_group(signal.SIGKILL)
     assert live.stop() == 0  # a warm shutdown leaves the set: gone, not lost
     remaining = {k.decode() for k in redis_client.zrange(HEARTBEATS, 0, -1)}
     assert remaining == {row.worker}  # only the killed one, which never said goodbye
@@ -160,14 +180,21 @@ def test_a_run_past_its_hard_time_limit_is_killed_and_recorded(
 
 
 def _pool_child(parent: int) -> int:
-    """The worker's one pool process (``-c 1``): the only child of the worker."""
+    """The worker's one pool process (``-c 1``): its only child but the heartbeat's."""
     children = [
         int(status.parent.name)
         for status in Path("/proc").glob("[0-9]*/stat")
-        if _parent_of(status) == parent
+        if _parent_of(status) == parent and not _is_heartbeat(status.parent)
     ]
     assert len(children) == 1, f"expected one pool child of {parent}, found {children}"
     return children[0]
+
+
+def _is_heartbeat(process: Path) -> bool:
+    try:
+        return b"workers.liveness" in (process / "cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _parent_of(stat: Path) -> int | None:

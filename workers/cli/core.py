@@ -135,21 +135,13 @@ def worker(
         without_gossip=True,
         without_mingle=True,
     )
-    from datetime import timedelta
+    from workers.liveness import companion, stop_companion
 
-    from workers.liveness import Heartbeat
-
-    heartbeat = Heartbeat(
-        rt,
-        node,
-        settings.worker_heartbeat_interval,
-        timedelta(seconds=settings.worker_lost_after),
-    )
-    heartbeat.start()
+    heartbeat = companion(node)
     try:
         process.start()
     finally:
-        heartbeat.stop()
+        stop_companion(heartbeat)
     sys.exit(process.exitcode or 0)
 
 
