@@ -26,7 +26,8 @@ FIRE_RESULTS = ("enqueued", "already_claimed", "misfired", "error", "recovered")
 
 TASK_RUNS = Counter(
     "fleet_task_runs",
-    "Job runs finished, by job and outcome (success, failure, retry, skipped, lost).",
+    "Job runs finished, by job and outcome (success, failure, retry, skipped, lost, "
+    "duplicate, expired).",
     ["task", "outcome"],
 )
 TASK_DURATION = Histogram(
@@ -38,7 +39,7 @@ TASK_DURATION = Histogram(
 SCHEDULE_FIRES = Counter(
     "fleet_schedule_fires",
     "Schedule fires seen by this scheduler replica, by result "
-    "(enqueued, already_claimed, misfired, error, recovered).",
+    "(enqueued, already_claimed, misfired, error, recovered, caught_up, missed).",
     ["schedule", "result"],
 )
 SCHEDULE_NEXT_FIRE = Gauge(

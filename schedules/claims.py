@@ -6,14 +6,17 @@ others count ``already_claimed``. A claim starts *pending* and is listed in a so
 scored by claim time; once the message is sent it becomes *enqueued* and leaves the set.
 A replica that dies between its claim and its send leaves a pending claim behind: after
 the lease, any replica takes it over (atomically, one winner) and sends it. The task id is
-derived from the fire, so the fire has the same id whoever sends it.
+derived from the fire, so the fire has the same id whoever sends it, and a worker runs a
+fire's id once (:mod:`workers.bookkeeping` drops a second message of it). The time of the
+latest fire enqueued per schedule is kept (``fleet:schedule:last``), for the catch-up of
+fires missed while every replica was down.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -21,6 +24,7 @@ import redis
 
 KEY_PREFIX = "fleet:schedule:fire:"
 PENDING_INDEX = "fleet:schedule:pending"
+LAST_FIRES = "fleet:schedule:last"  # schedule -> time of its latest enqueued fire
 
 _FIRE_NAMESPACE = uuid.UUID("6d1c5a3e-7a52-4a53-9d5e-2f0b9c0de7a1")
 
@@ -57,6 +61,8 @@ return 1
 class Fire:
     schedule: str
     at: datetime
+    # When its message stops being worth running (sent as Celery's ``expires``).
+    expires: datetime | None = field(default=None, compare=False)
 
     @property
     def stamp(self) -> str:
@@ -84,6 +90,8 @@ class ClaimStore(Protocol):
     def confirm(self, fire: Fire) -> None: ...
     def stale(self) -> list[Fire]: ...
     def take_over(self, fire: Fire) -> bool: ...
+    def last_fire(self, schedule: str) -> datetime | None: ...
+    def skip_to(self, schedule: str, at: datetime) -> None: ...
 
 
 class FireClaims:
@@ -121,7 +129,16 @@ class FireClaims:
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(fire.key, f"enqueued:{self._replica}:{fire.task_id}", xx=True, keepttl=True)
         pipe.zrem(PENDING_INDEX, fire.key)
+        pipe.zadd(LAST_FIRES, {fire.schedule: fire.at.timestamp()}, gt=True)
         pipe.execute()
+
+    def skip_to(self, schedule: str, at: datetime) -> None:
+        """Fires up to ``at`` are accounted for (caught up or counted missed)."""
+        self._redis.zadd(LAST_FIRES, {schedule: at.timestamp()}, gt=True)
+
+    def last_fire(self, schedule: str) -> datetime | None:
+        score = self._redis.zscore(LAST_FIRES, schedule)
+        return None if score is None else datetime.fromtimestamp(float(score), UTC)
 
     def stale(self) -> list[Fire]:
         """Pending claims older than the lease: their replica died or failed to send."""

@@ -47,21 +47,10 @@ def scheduler(schedule_file: Path | None, metrics_port: int | None) -> None:
         clock=lambda: datetime.now(UTC),
     )
 
-    def send(schedule: Any, fire: Any) -> None:
-        from workers.bookkeeping import FIRE_HEADER, SCHEDULE_HEADER
-
-        app.send_task(
-            schedule.job,
-            kwargs=dict(schedule.kwargs),
-            queue=schedule.queue,
-            task_id=fire.task_id,
-            headers={SCHEDULE_HEADER: schedule.name, FIRE_HEADER: fire.stamp},
-        )
-
     dispatcher = Dispatcher(
         schedules,
         claims,
-        send,
+        fire_sender(app),
         count=lambda name, result: metrics.SCHEDULE_FIRES.labels(name, result).inc(),
     )
     now = datetime.now(UTC)
@@ -78,12 +67,34 @@ def scheduler(schedule_file: Path | None, metrics_port: int | None) -> None:
         schedules=[s.name for s in schedules if s.enabled],
         metrics=f"http://127.0.0.1:{bound}/metrics",
     )
+    try:
+        dispatcher.catch_up()
+    except Exception as exc:  # a Redis outage at start must not stop the scheduler
+        get_logger("fleet.scheduler").error("schedule_catch_up_failed", error=str(exc))
     built = build_scheduler(
         dispatcher,
         recover_every=max(1.0, settings.fire_lease_seconds / 2),
         on_next_fire=lambda name, at: metrics.SCHEDULE_NEXT_FIRE.labels(name).set(at.timestamp()),
     )
     run_until_signalled(built)
+
+
+def fire_sender(app: Any) -> Any:
+    """How the scheduler sends a fire: its deterministic task id, its schedule and time in
+    the headers, and its ``expires``."""
+    from workers.bookkeeping import FIRE_HEADER, SCHEDULE_HEADER
+
+    def send(schedule: Any, fire: Any) -> None:
+        app.send_task(
+            schedule.job,
+            kwargs=dict(schedule.kwargs),
+            queue=schedule.queue,
+            task_id=fire.task_id,
+            expires=fire.expires,
+            headers={SCHEDULE_HEADER: schedule.name, FIRE_HEADER: fire.stamp},
+        )
+
+    return send
 
 
 def _jobs() -> dict[str, Any]:

@@ -2,7 +2,12 @@
 
 APScheduler decides *when*; :class:`Dispatcher` decides *whether*: a fire later than its
 misfire grace is counted and dropped, a fire another replica claimed is counted and left,
-and a fire this replica wins is sent with the schedule's name and time in its headers.
+and a fire this replica wins is sent with the schedule's name and time in its headers and
+an ``expires`` (the next fire or the grace, whichever comes first: a message a worker sees
+later is dropped and counted ``expired``, so fires queued during a worker outage never
+pile up). At start, :meth:`Dispatcher.catch_up` makes up for fires missed while every
+replica was down, per the schedule's ``catch_up``: ``once`` sends one run for the latest
+missed fire, ``none`` only counts them.
 APScheduler calls us through :class:`FireExecutor`, which hands over the scheduled time
 of each fire (a plain job function would only learn the wall-clock time it ran at).
 """
@@ -16,6 +21,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,7 +62,7 @@ class Dispatcher:
     def fire(self, name: str, at: datetime) -> str:
         """Handle one fire of schedule ``name`` due at ``at``; returns the result."""
         schedule = self.schedules[name]
-        fire = Fire(name, at)
+        fire = Fire(name, at, expires=at + schedule.expiry(at))
         late = self._clock() - at
         grace = schedule.misfire_grace_seconds
         if grace is not None and late > timedelta(seconds=grace):
@@ -89,15 +95,54 @@ class Dispatcher:
     def recover(self) -> int:
         """Send fires whose claiming replica died or failed before sending."""
         recovered = 0
-        for fire in self._claims.stale():
-            schedule = self.schedules.get(fire.schedule)
-            if schedule is None or not self._claims.take_over(fire):
+        for stale in self._claims.stale():
+            schedule = self.schedules.get(stale.schedule)
+            if schedule is None or not self._claims.take_over(stale):
                 continue
+            fire = replace(stale, expires=stale.at + schedule.expiry(stale.at))
             if self._send_claimed(schedule, fire) == "enqueued":
                 recovered += 1
                 self._count(fire.schedule, "recovered")
                 log.warning("schedule_fire_recovered", schedule=fire.schedule, fire=fire.stamp)
         return recovered
+
+    def catch_up(self) -> dict[str, int]:
+        """Fires missed since each schedule's latest enqueued fire, up to now: with
+        ``catch_up: once`` the latest one is sent (claimed, so one replica sends it, and
+        none if a live replica has it already) and the others counted ``missed``; with
+        ``none`` all are counted ``missed`` (a fire a live replica is sending at that very
+        moment included). Returns the misses by schedule."""
+        now = self._clock()
+        report: dict[str, int] = {}
+        for schedule in self.schedules.values():
+            last = self._claims.last_fire(schedule.name) if schedule.enabled else None
+            if last is None:
+                continue  # never fired here: nothing was missed
+            fires, more = schedule.missed(last, now)
+            if not fires:
+                continue
+            dropped = fires
+            if schedule.catch_up == "once":
+                dropped, at = fires[:-1], fires[-1]
+                fire = Fire(schedule.name, at, expires=now + schedule.expiry(at))
+                if self._claims.claim(fire):
+                    result = self._send_claimed(schedule, fire)
+                    self._count(schedule.name, "caught_up" if result == "enqueued" else result)
+                else:
+                    self._count(schedule.name, "already_claimed")
+            for _ in dropped:
+                self._count(schedule.name, "missed")
+            self._claims.skip_to(schedule.name, fires[-1])  # counted once, by one replica
+            report[schedule.name] = len(dropped)
+            log.warning(
+                "schedule_fires_missed",
+                schedule=schedule.name,
+                missed=len(dropped),
+                more_not_counted=more,
+                since=last.isoformat(),
+                catch_up=schedule.catch_up,
+            )
+        return report
 
 
 class FireExecutor(BaseExecutor):  # type: ignore[misc]

@@ -1,7 +1,7 @@
 """The schedule table: ``schedules/fleet.yaml`` read, checked and turned into cron triggers.
 
 A schedule is ``name, job, cron, kwargs, queue, misfire_grace_seconds, enabled`` (and an
-optional ``timezone``). ``cron`` is a standard crontab line (minute hour day month
+optional ``timezone`` and ``catch_up``). ``cron`` is a standard crontab line (minute hour day month
 weekday, Sunday = 0 or 7) or the same with a leading seconds field, read as crontab reads
 it: when both day-of-month and day-of-week are restricted (neither starts with ``*``), a
 day matching *either* fires (``0 0 13 * 5``: every Friday and every 13th), as Vixie cron
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -123,6 +123,15 @@ class _ScheduleEntry(BaseModel):
     misfire_grace_seconds: int | None = Field(default=60, ge=1)
     enabled: bool = True
     timezone: str = "UTC"
+    catch_up: Literal["none", "once"] | None = None
+
+
+# Jobs whose run covers everything since the last one: fires missed while every replica was
+# down are made up by one run when a replica comes back. Other jobs' missed fires are gone.
+CATCH_UP_JOBS = frozenset({"impressions.aggregate", "audit.ship", "drift.detect"})
+# Fires looked at when counting what was missed (a per-second schedule down for a day
+# would otherwise be 86,400 steps).
+MAX_MISSED_COUNTED = 10_000
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class Schedule:
     enabled: bool
     timezone: str = "UTC"
     trigger: BaseTrigger = field(repr=False, compare=False, default=None)
+    catch_up: str = "none"
 
     def next_fires(self, now: datetime, count: int = 1) -> list[datetime]:
         """The next ``count`` fire times strictly after ``now`` (``now`` must be aware)."""
@@ -149,6 +159,28 @@ class Schedule:
             fires.append(upcoming)
             previous, moment = upcoming, upcoming + timedelta(microseconds=1)
         return fires
+
+    def expiry(self, at: datetime) -> timedelta:
+        """How long a fire's message stays worth running: until the next fire, or the
+        misfire grace if shorter (a message older than that is dropped as expired)."""
+        upcoming = self.next_fires(at)
+        period = upcoming[0] - at if upcoming else timedelta(days=1)
+        if self.misfire_grace_seconds is None:
+            return period
+        return min(period, timedelta(seconds=self.misfire_grace_seconds))
+
+    def missed(self, last: datetime, now: datetime) -> tuple[list[datetime], bool]:
+        """Fire times after ``last`` and at or before ``now`` (at most MAX_MISSED_COUNTED;
+        the flag says whether there were more)."""
+        fires: list[datetime] = []
+        moment = last
+        while len(fires) < MAX_MISSED_COUNTED:
+            upcoming = self.next_fires(moment)
+            if not upcoming or upcoming[0] > now:
+                return fires, False
+            fires.append(upcoming[0])
+            moment = upcoming[0]
+        return fires, True
 
 
 def _entry_label(raw: Any, index: int) -> str:
@@ -222,6 +254,7 @@ def _check_entry(raw: Any, label: str, jobs: Mapping[str, JobSpec]) -> Schedule:
         enabled=entry.enabled,
         timezone=entry.timezone,
         trigger=trigger,
+        catch_up=entry.catch_up or ("once" if entry.job in CATCH_UP_JOBS else "none"),
     )
 
 

@@ -10,16 +10,19 @@ still counted and the failure to record is logged.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import redis
 import structlog
 from celery import signals
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 from workers.db.models import TaskRun
 from workers.fleetstate import LAST_SUCCESS, record_health
@@ -30,6 +33,8 @@ log = get_logger("fleet.runs")
 
 SCHEDULE_HEADER = "fleet_schedule"
 FIRE_HEADER = "fleet_fire"
+RAN_PREFIX = "fleet:schedule:ran:"  # task id of a fire -> the run that took it
+FINISHED = ("success", "skipped", "failure", "retry")
 # Results bigger than this are summarized in task_runs rather than stored whole.
 MAX_RESULT_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 2000
@@ -40,6 +45,7 @@ class _InFlight:
     row_id: int | None
     started: float
     error: str | None = None
+    duplicate: bool = False
 
 
 _inflight: dict[str, _InFlight] = {}
@@ -98,27 +104,93 @@ def _metrics() -> Any:
     return metrics
 
 
+def is_duplicate(task_id: str | None) -> bool:
+    """Whether the run now starting in this process is a second message of a fire."""
+    with _inflight_lock:
+        flight = _inflight.get(task_id) if task_id else None
+        return flight is not None and flight.duplicate
+
+
+def _first_of_fire(rt: Any, task: Any, task_id: str) -> bool:
+    """False for a second message of a scheduler fire, which must not run."""
+    if _request_header(task, FIRE_HEADER) is None:
+        return True
+    request = task.request
+    if (getattr(request, "retries", 0) or 0) > 0:
+        return True  # a retry of the run that took the fire
+    delivery = getattr(request, "delivery_info", None) or {}
+    if delivery.get("redelivered"):
+        with rt.sessions() as session:
+            done = session.scalar(
+                select(TaskRun.id).where(TaskRun.task_id == task_id, TaskRun.outcome.in_(FINISHED))
+            )
+        return done is None  # given back after its worker died: run, unless it finished
+    token = f"{getattr(request, 'hostname', '')}:{os.getpid()}:{uuid.uuid4().hex}"
+    key = RAN_PREFIX + task_id
+    try:
+        if rt.redis.set(key, token, nx=True, ex=rt.settings.fire_claim_ttl):
+            return True
+        held = rt.redis.get(key)
+    except redis.RedisError as exc:
+        log.warning("fire_run_claim_failed", error=describe_error(exc))
+        return True  # Redis cannot say: at least once rather than never
+    return held is not None and held.decode() == token  # our own SET, its answer lost
+
+
 def _on_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
     schedule = _request_header(task, SCHEDULE_HEADER)
     structlog.contextvars.bind_contextvars(job=task.name, task_id=task_id, schedule=schedule)
     started = time.monotonic()
     row_id = None
+    duplicate = False
     rt = installed()
     if rt is not None:
         try:
-            row_id = _record_start(rt, task, task_id, schedule, kwargs or {})
+            duplicate = not _first_of_fire(rt, task, task_id)
+        except Exception as exc:
+            log.warning("fire_run_claim_failed", error=describe_error(exc))
+        try:
+            row_id = _record_start(rt, task, task_id, schedule, kwargs or {}, duplicate)
         except Exception as exc:
             log.warning("task_run_record_failed", phase="start", error=describe_error(exc))
     with _inflight_lock:
-        _inflight[task_id] = _InFlight(row_id=row_id, started=started)
+        _inflight[task_id] = _InFlight(row_id=row_id, started=started, duplicate=duplicate)
+    if duplicate:
+        log.warning("task_duplicate_dropped", fire=_request_header(task, FIRE_HEADER))
+        return
     log.info("task_started", attempt=getattr(task.request, "retries", 0) or 0)
 
 
 def _record_start(
-    rt: Any, task: Any, task_id: str, schedule: str | None, kwargs: dict[str, Any]
+    rt: Any,
+    task: Any,
+    task_id: str,
+    schedule: str | None,
+    kwargs: dict[str, Any],
+    duplicate: bool = False,
 ) -> int:
     at = now()
     attempt = getattr(task.request, "retries", 0) or 0
+    if duplicate:  # recorded, finished at once; the run that took the fire is left alone
+        with rt.sessions.begin() as session:
+            return int(
+                session.execute(
+                    insert(TaskRun)
+                    .values(
+                        job=task.name,
+                        task_id=task_id,
+                        schedule=schedule,
+                        args=orjson.loads(orjson.dumps(kwargs, default=str)),
+                        attempt=attempt,
+                        worker=getattr(task.request, "hostname", None),
+                        started_at=at,
+                        finished_at=at,
+                        outcome="duplicate",
+                        error="a second message of a fire that another run took",
+                    )
+                    .returning(TaskRun.id)
+                ).scalar_one()
+            )
     with rt.sessions.begin() as session:
         # An earlier attempt still "running" asked for this retry: its worker may not have
         # recorded its end yet (the retry can start first). It is not lost; its own end
@@ -203,7 +275,7 @@ def _on_postrun(
 ) -> None:
     with _inflight_lock:
         flight = _inflight.pop(task_id, None)
-    outcome = outcome_of(state, retval)
+    outcome = "duplicate" if flight is not None and flight.duplicate else outcome_of(state, retval)
     seconds = time.monotonic() - flight.started if flight else 0.0
     metrics = _metrics()
     metrics.TASK_RUNS.labels(task.name, outcome).inc()
@@ -234,6 +306,51 @@ def _on_postrun(
     structlog.contextvars.unbind_contextvars("job", "task_id", "schedule")
 
 
+def _on_revoked(request: Any = None, expired: bool = False, sender: Any = None, **_: Any) -> None:
+    """A message Celery dropped unrun because its ``expires`` had passed."""
+    if not expired:
+        return
+    name = getattr(sender, "name", None) or getattr(request, "task", None) or "unknown"
+    task_id = getattr(request, "id", None) or ""
+    schedule = _header_of(request, SCHEDULE_HEADER)
+    _metrics().TASK_RUNS.labels(name, "expired").inc()
+    log.warning(
+        "task_expired",
+        job=name,
+        task_id=task_id,
+        schedule=schedule,
+        fire=_header_of(request, FIRE_HEADER),
+    )
+    rt = installed()
+    if rt is None:
+        return
+    try:
+        at = now()
+        with rt.sessions.begin() as session:
+            session.execute(
+                insert(TaskRun).values(
+                    job=name,
+                    task_id=task_id,
+                    schedule=schedule,
+                    attempt=0,
+                    worker=getattr(request, "hostname", None),
+                    started_at=at,
+                    finished_at=at,
+                    outcome="expired",
+                    error="the message arrived after its expiry (the fire's next run or grace)",
+                )
+            )
+    except Exception as exc:
+        log.warning("task_run_record_failed", phase="expired", error=describe_error(exc))
+
+
+def _header_of(request: Any, name: str) -> str | None:
+    value = getattr(request, name, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(name)
+    return str(value) if value is not None else None
+
+
 _connected = False
 
 
@@ -246,4 +363,5 @@ def connect_bookkeeping() -> None:
     signals.task_postrun.connect(_on_postrun, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
+    signals.task_revoked.connect(_on_revoked, weak=False)
     _connected = True

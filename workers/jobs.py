@@ -156,6 +156,10 @@ class FleetTask(Task):  # type: ignore[misc]
             raise JobArgumentError(f"{self.name}: takes keyword arguments only")
         if spec is not None:
             kwargs = spec.parse(kwargs).model_dump(exclude_unset=True)
+        from workers.bookkeeping import is_duplicate
+
+        if is_duplicate(getattr(self.request, "id", None)):
+            return skipped("a second message of a fire that another run took", duplicate=True)
         return super().__call__(**kwargs)
 
 

@@ -119,3 +119,160 @@ def test_a_malformed_schedule_file_stops_the_scheduler_with_one_line(
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith(f"fleet: error: {table}: schedule 'every-second': bad cron")
     assert len([line for line in lines if line.startswith("fleet:")]) == 1
+
+
+EVERY_TWO_SECONDS = """
+schedules:
+  - name: covering
+    job: fleet.heartbeat
+    cron: "*/2 * * * * *"
+    misfire_grace_seconds: 1
+    catch_up: once
+  - name: plain
+    job: fleet.heartbeat
+    cron: "*/2 * * * * *"
+    misfire_grace_seconds: 1
+"""
+
+
+def counted(port: int, result: str, schedule: str) -> float:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("fleet_schedule_fires_total{") and (
+            f'result="{result}"' in line and f'schedule="{schedule}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_fires_missed_while_every_replica_was_down_are_caught_up_once(
+    fleet_env: dict[str, str], spawn: Spawn, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Every replica stops across at least three fires; the first to start again sends
+    one run for the latest missed fire of the ``catch_up: once`` schedule and counts the
+    others; the ``none`` schedule's are only counted; a second replica adds nothing."""
+    from datetime import UTC, timedelta
+
+    from schedules.claims import LAST_FIRES
+
+    table = tmp_path / "table.yaml"
+    table.write_text(EVERY_TWO_SECONDS)
+    first = spawn(
+        "scheduler",
+        "--schedule-file",
+        str(table),
+        "--metrics-port",
+        str(free_port()),
+        env=fleet_env,
+        name="before",
+    )
+    wait_for(
+        lambda: (
+            redis_client.zscore(LAST_FIRES, "covering") is not None
+            and redis_client.zscore(LAST_FIRES, "plain") is not None
+        ),
+        timeout=30,
+        what="a fire of each schedule",
+    )
+    assert first.stop() == 0
+    last = datetime.fromtimestamp(float(redis_client.zscore(LAST_FIRES, "covering") or 0), UTC)
+    wait_for(
+        lambda: datetime.now(UTC) > last + timedelta(seconds=7),
+        timeout=30,
+        what="three fires to pass with no replica",
+    )
+    queued = len(redis_client.lrange("default", 0, -1))
+    ports = [free_port(), free_port()]
+    back = spawn(
+        "scheduler",
+        "--schedule-file",
+        str(table),
+        "--metrics-port",
+        str(ports[0]),
+        env=fleet_env,
+        name="back",
+    )
+    wait_for(lambda: '"schedule_loaded"' in back.output(), timeout=60, what="the restart")
+    assert counted(ports[0], "caught_up", "covering") == 1
+    assert counted(ports[0], "missed", "covering") >= 2
+    assert counted(ports[0], "caught_up", "plain") == 0
+    assert counted(ports[0], "missed", "plain") >= 3
+    caught = [line for line in back.output().splitlines() if '"schedule_fires_missed"' in line]
+    assert len(caught) == 2
+    second = spawn(
+        "scheduler",
+        "--schedule-file",
+        str(table),
+        "--metrics-port",
+        str(ports[1]),
+        env=fleet_env,
+        name="second",
+    )
+    wait_for(lambda: '"schedule_loaded"' in second.output(), timeout=60, what="a second replica")
+    assert counted(ports[1], "caught_up", "covering") == 0
+    assert counted(ports[1], "missed", "covering") == 0
+    assert len(redis_client.lrange("default", 0, -1)) > queued  # the catch-up message is there
+
+
+def test_fires_queued_while_no_worker_runs_expire_and_a_second_message_is_dropped(
+    fleet_env: dict[str, str], spawn: Spawn, postgres_url: str, tmp_path: Path
+) -> None:
+    """50 fires wait in the queue past their expiry: the worker that comes drops each one,
+    recorded ``expired``, and runs none. Then one fire sent twice (a replica that died
+    between send and confirm, its successor sending again): one run, one ``duplicate``."""
+    from datetime import UTC, timedelta
+
+    from sqlalchemy import select
+
+    from schedules.claims import Fire
+    from schedules.cli import fire_sender
+    from schedules.table import parse_schedules
+    from workers.celery_app import create_app
+    from workers.db import make_engine
+    from workers.db.models import TaskRun
+    from workers.jobs import JOBS
+    from workers.runtime import Runtime, install
+    from workers.settings import FleetSettings
+
+    rt = install(
+        Runtime(
+            FleetSettings(
+                home=Path(fleet_env["FLEET_HOME"]),
+                database_url=fleet_env["FLEET_DATABASE_URL"],
+                redis_url=fleet_env["FLEET_REDIS_URL"],
+            )
+        )
+    )
+    app = create_app(rt)
+    (schedule,) = parse_schedules(EVERY_SECOND, "t.yaml", JOBS)
+    send = fire_sender(app)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    for second in range(50):
+        send(schedule, Fire(schedule.name, start + timedelta(seconds=second), expires=soon))
+    wait_for(lambda: datetime.now(UTC) > soon, timeout=10, what="the fires to expire")
+    engine = make_engine(postgres_url)
+
+    def outcomes() -> Counter[str]:
+        with engine.connect() as connection:
+            return Counter(connection.execute(select(TaskRun.outcome)).scalars())
+
+    worker = spawn("worker", "-c", "1", "--metrics-port", "0", env=fleet_env)
+    wait_for(lambda: outcomes()["expired"] == 50, timeout=60, what=f"50 expired: {outcomes()}")
+    assert set(outcomes()) == {"expired"}
+
+    twice = Fire(schedule.name, start + timedelta(minutes=1), expires=soon + timedelta(hours=1))
+    send(schedule, twice)
+    send(schedule, twice)  # the same fire, the same task id, a second message
+    wait_for(
+        lambda: outcomes()["success"] + outcomes()["duplicate"] == 2,
+        timeout=60,
+        what=f"both messages handled: {outcomes()}",
+    )
+    assert (outcomes()["success"], outcomes()["duplicate"]) == (1, 1)
+    assert '"task_duplicate_dropped"' in worker.output()
+    engine.dispose()
+    app.close()
+    rt.close()

@@ -22,6 +22,8 @@ TABLE = """
 schedules:
   - {name: hb, job: fleet.heartbeat, cron: "* * * * * *", misfire_grace_seconds: 5}
   - {name: lax, job: fleet.heartbeat, cron: "* * * * *", misfire_grace_seconds: null}
+  - {name: every2, job: fleet.heartbeat, cron: "*/2 * * * * *", catch_up: once}
+  - {name: slow, job: fleet.heartbeat, cron: "*/10 * * * *", misfire_grace_seconds: 30}
 """
 
 
@@ -32,6 +34,7 @@ class MemoryClaims:
         self.clock = clock
         self.lease = lease
         self.state: dict[Fire, tuple[str, datetime]] = {}
+        self.skipped: dict[str, datetime] = {}
 
     def claim(self, fire: Fire) -> bool:
         if fire in self.state:
@@ -41,6 +44,17 @@ class MemoryClaims:
 
     def confirm(self, fire: Fire) -> None:
         self.state[fire] = ("enqueued", self.clock())
+
+    def skip_to(self, schedule: str, at: datetime) -> None:
+        self.skipped[schedule] = max(at, self.skipped.get(schedule, at))
+
+    def last_fire(self, schedule: str) -> datetime | None:
+        done = [
+            f.at for f, (s, _) in self.state.items() if f.schedule == schedule and s == "enqueued"
+        ]
+        if schedule in self.skipped:
+            done.append(self.skipped[schedule])
+        return max(done, default=None)
 
     def stale(self) -> list[Fire]:
         cutoff = self.clock() - timedelta(seconds=self.lease)
@@ -140,3 +154,60 @@ def test_a_recovered_fire_keeps_its_task_id(clock: Clock) -> None:
     assert fire.task_id == Fire("hb", T0 + timedelta(microseconds=0)).task_id
     assert fire.task_id != Fire("hb", T0 + timedelta(seconds=1)).task_id
     assert Fire.from_key(fire.key) == fire
+
+
+def test_sent_fires_expire_at_the_next_fire_or_the_grace_whichever_is_first(
+    clock: Clock,
+) -> None:
+    (dispatcher,), sent, _ = replicas(clock, 1)
+    for name in ("hb", "lax", "slow"):
+        dispatcher.fire(name, T0)
+    expiry = {name: fire.expires - fire.at for name, fire in sent}  # type: ignore[operator]
+    assert expiry == {
+        "hb": timedelta(seconds=1),  # the next fire comes before the 5 s grace
+        "lax": timedelta(minutes=1),  # no grace: the next fire
+        "slow": timedelta(seconds=30),  # the grace comes before the next fire
+    }
+
+
+def test_catch_up_once_sends_the_latest_missed_fire_and_counts_the_rest(clock: Clock) -> None:
+    (first, second), sent, counted = replicas(clock, 2)
+    clock.now = T0
+    assert first.fire("every2", T0) == "enqueued"
+    assert first.fire("hb", T0) == "enqueued"
+    sent.clear()
+    # every replica down for 7 s: every2 missed T0+2, +4, +6; hb missed seven fires
+    clock.now = T0 + timedelta(seconds=7)
+    report = second.catch_up()
+    assert report == {"every2": 2, "hb": 7}  # catch_up once: two dropped, one sent
+    assert [(name, f.at) for name, f in sent] == [("every2", T0 + timedelta(seconds=6))]
+    assert sent[0][1].expires == clock.now + timedelta(seconds=2)
+    assert counted.count(("every2", "caught_up")) == 1
+    assert counted.count(("every2", "missed")) == 2
+    assert counted.count(("hb", "missed")) == 7 and ("hb", "caught_up") not in counted
+    # a second replica starting next finds everything accounted for: no run, no count
+    assert first.catch_up() == {}
+    assert len(sent) == 1 and counted.count(("hb", "missed")) == 7
+
+
+def test_nothing_to_catch_up_on_a_first_start_or_when_on_time(clock: Clock) -> None:
+    (dispatcher,), sent, counted = replicas(clock, 1)
+    clock.now = T0 + timedelta(hours=1)
+    assert dispatcher.catch_up() == {}  # never fired: nothing recorded, nothing missed
+    assert dispatcher.fire("every2", clock.now) == "enqueued"
+    clock.now += timedelta(seconds=1)
+    assert dispatcher.catch_up() == {}
+    assert len(sent) == 1 and not [c for c in counted if c[1] == "missed"]
+
+
+def test_the_shipped_table_catches_up_the_jobs_that_cover_everything_since_their_last_run() -> None:
+    import tasks.audit
+    import tasks.canary
+    import tasks.drift
+    import tasks.impressions
+    import tasks.secrets  # noqa: F401
+    from schedules.table import default_schedule_file
+
+    table = parse_schedules(default_schedule_file().read_text(), "fleet.yaml", JOBS)
+    once = {s.job for s in table if s.catch_up == "once"}
+    assert once == {"impressions.aggregate", "audit.ship", "drift.detect"}
