@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from tasks.drift.cache import CacheEntry, read_entries
 from tasks.drift.diff import DriftInput, detect
 from tasks.drift.model import CROSS, Finding
+from tasks.drift.overrides import read_layers
 from tasks.drift.rules import Rules, RulesError, load_rules, parse_rules
 from tasks.drift.sources import (
     Flat,
@@ -70,6 +71,28 @@ def live_rows(rt: Runtime, environments: list[str] | None) -> list[tuple[Any, ..
     )
     if environments is not None:
         query = query.where(Configuration.environment.in_(environments))
+    with rt.engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
+
+
+def layer_rows(rt: Runtime, environments: list[str]) -> list[tuple[Any, ...]]:
+    """Active rows at service, tenant and global scope: the layers around the
+    environment-wide ones (see :mod:`tasks.drift.overrides`)."""
+    query = select(
+        Configuration.id,
+        Configuration.environment,
+        Configuration.scope,
+        Configuration.tenant_id,
+        Configuration.key,
+        Configuration.value,
+        Configuration.sensitive,
+        Configuration.encrypted,
+        Configuration.meta,
+    ).where(
+        Configuration.active.is_(True),
+        Configuration.scope.in_(("service", "tenant", "global")),
+        Configuration.environment.in_(environments),
+    )
     with rt.engine.connect() as connection:
         return [tuple(row) for row in connection.execute(query)]
 
@@ -165,6 +188,16 @@ def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
             reason=problem.reason,
         )
     problems.extend(live.problems)
+    layers, layer_problems = read_layers(layer_rows(rt, environments))
+    for problem in layer_problems:
+        log.error(
+            "drift_live_value_unusable",
+            environment=problem.environment,
+            key=problem.key,
+            where=problem.where,
+            reason=problem.reason,
+        )
+    problems.extend(layer_problems)
     cache = platform_cache(rt, environments, problems)
     return DriftInput(
         desired=desired,
@@ -174,6 +207,7 @@ def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
         cross=cross,
         problems=problems,
         cache=cache,
+        layers=layers,
     )
 
 

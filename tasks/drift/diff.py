@@ -19,6 +19,7 @@ import orjson
 
 from tasks.drift.cache import CacheEntry
 from tasks.drift.model import CROSS, Finding, show
+from tasks.drift.overrides import Layers, Override, by_layer, service_values
 from tasks.drift.rules import Rules
 from tasks.drift.schema import cross_field_problems, schema_problems
 from tasks.drift.sources import Flat, LiveState, SourceProblem, unflatten
@@ -73,6 +74,7 @@ class DriftInput:
     cross: bool = True
     problems: list[SourceProblem] = field(default_factory=list)
     cache: list[CacheEntry] = field(default_factory=list)
+    layers: dict[str, Layers] = field(default_factory=dict)
 
 
 class _Builder:
@@ -95,12 +97,14 @@ class _Builder:
         before: str | None = None,
         after: str | None = None,
         source: str = "desired",
+        severity: str | None = None,
     ) -> None:
         involved = environments or (environment,)
         # Comparisons between environments warn; everything about one critical
         # environment (its desired vs live, its schema, its unreadable sources) is critical.
-        critical = kind not in _CROSS_KINDS and environment in self.rules.critical_environments
-        severity = "critical" if critical else "warning"
+        if severity is None:
+            critical = kind not in _CROSS_KINDS and environment in self.rules.critical_environments
+            severity = "critical" if critical else "warning"
         severity = self.rules.override(kind, key, involved) or severity
         rule = self.rules.expectation(kind, key, involved, self.now)
         self.findings.append(
@@ -134,6 +138,10 @@ def detect(data: DriftInput, now: datetime) -> list[Finding]:
             _schema(out, environment, desired, "desired")
         if live:
             _schema(out, environment, live, "live")
+        layers = data.layers.get(environment)
+        if layers is not None and layers.overrides:
+            checksums = data.live.checksums.get(environment, {})
+            _overrides(out, environment, layers, desired, live, checksums)
     _stale_cache(out, [e for e in data.cache if e.environment in data.environments])
     if data.cross:
         readable = {env: flat for env, flat in data.desired.items() if env in data.environments}
@@ -311,3 +319,106 @@ def _stale_cache(out: _Builder, entries: list[CacheEntry]) -> None:
             after=None if entry.unreadable else show(entry.cached, hidden),
             source="cache",
         )
+
+
+def _overrides(
+    out: _Builder,
+    environment: str,
+    layers: Layers,
+    desired: Flat | None,
+    live: Flat,
+    checksums: Mapping[str, str],
+) -> None:
+    """Each service and tenant override: orphaned, redundant, or against the schema."""
+    services = service_values(layers.overrides)
+    critical = environment in out.rules.critical_environments
+    base = _schema_tree(live, {})
+    known = set(_problems(base, critical)) if base else set()
+    for (scope, tenant), group in by_layer(layers.overrides).items():
+        for override in group:
+            hidden = override.sensitive or out.rules.is_sensitive(override.key)
+            whose = f" for tenant {tenant}" if tenant else ""
+            shown = show(override.value, hidden or override.checksum is not None)
+            if desired is not None and override.key not in desired:
+                out.add(
+                    "orphan_override",
+                    environment,
+                    override.where,
+                    f"{scope} override{whose} of a key {environment} does not declare",
+                    after=shown,
+                    source="live",
+                )
+            below = _below(override, services, live, checksums, layers)
+            if below is not None and _equal(override, below[1], below[2]):
+                out.add(
+                    "redundant_override",
+                    environment,
+                    override.where,
+                    f"{scope} override{whose} equal to the {below[0]} value it overrides",
+                    after=shown,
+                    source="live",
+                    severity="info",
+                )
+
+        # Orphans are findings already; the schema judges what the environment declares.
+        def declared(o: Override) -> bool:
+            return desired is None or o.key in desired
+
+        layered = {k: o for k, o in services.items() if declared(o)} if scope == "tenant" else {}
+        layered.update({o.key: o for o in group if declared(o)})
+        tree = _schema_tree(live, layered)
+        if not tree:
+            continue
+        overridden = [o.key for o in group if o.checksum is None and declared(o)]
+        for key, message in _problems(tree, critical):
+            if (key, message) in known or not _related(key, overridden):
+                continue
+            suffix = f"@{scope}/{tenant}" if tenant else f"@{scope}"
+            out.add("schema_violation", environment, key + suffix, message, source="live")
+
+
+def _schema_tree(live: Flat, layered: Mapping[str, Override]) -> Flat:
+    tree = {k: v for k, v in live.items() if k.startswith(_SCHEMA_SECTIONS)}
+    for key, override in layered.items():
+        if override.checksum is None and key.startswith(_SCHEMA_SECTIONS):
+            tree[key] = override.value
+    return tree
+
+
+def _problems(flat: Flat, critical: bool) -> list[tuple[str, str]]:
+    tree = unflatten(flat)
+    return list(schema_problems(tree)) + list(cross_field_problems(tree, critical))
+
+
+def _related(problem: str, keys: list[str]) -> bool:
+    return any(
+        problem == key or key.startswith(problem + ".") or problem.startswith(key + ".")
+        for key in keys
+    )
+
+
+def _below(
+    override: Override,
+    services: Mapping[str, Override],
+    live: Flat,
+    checksums: Mapping[str, str],
+    layers: Layers,
+) -> tuple[str, Any, str | None] | None:
+    """The layer an override overrides: (its name, its value, its checksum if encrypted)."""
+    key = override.key
+    if override.scope == "tenant" and key in services:
+        service = services[key]
+        return "service", service.value, service.checksum
+    if key in live:
+        return "environment", live[key], checksums.get(key)
+    if key in layers.globals:
+        return "global", layers.globals[key], layers.global_checksums.get(key)
+    return None
+
+
+def _equal(override: Override, value: Any, value_checksum: str | None) -> bool:
+    if override.checksum is not None or value_checksum is not None:
+        mine = override.checksum or checksum(override.value)
+        theirs = value_checksum or checksum(value)
+        return mine == theirs
+    return same(override.value, value)

@@ -17,6 +17,8 @@ KINDS = (
     "schema_violation",
     "invalid_source",
     "stale_cache",
+    "orphan_override",
+    "redundant_override",
 )
 SEVERITIES = ("critical", "warning", "info")
 # The environment label of findings that compare environments with each other.

@@ -651,3 +651,69 @@ def test_an_unreachable_platform_cache_is_said_not_passed(
     detect(app)
     problems = [k for k in stored(app) if k[0] == "invalid_source"]
     assert ("invalid_source", "production", "platform cache") in problems
+
+
+def test_service_and_tenant_overrides_are_checked_as_the_layers_they_are(app: Celery) -> None:
+    rt = rt_of(app)
+    seed_as_declared(app)
+    now = datetime.now(UTC)
+
+    def override(key: str, value: Any, scope: str, tenant: str | None, **extra: Any) -> None:
+        with rt.sessions.begin() as session:
+            set_configuration(
+                session,
+                key=key,
+                value=value,
+                environment="production",
+                scope=scope,
+                tenant_id=tenant,
+                user_id="t",
+                now=now,
+                **extra,
+            )
+
+    override("services.chat_service.replicas", 500, "tenant", "acme")  # over the schema's 100
+    override("feature.old_flag", True, "tenant", "acme")  # production no longer declares it
+    override("monitoring.sample_rate", 0.1, "tenant", "beta")  # the environment's own value
+    override("security.csrf_protection", True, "service", None)  # the environment's too
+    override("security.csrf_protection", True, "tenant", "gamma")  # the service's value
+    override("monitoring.sample_rate", 0.2, "tenant", "delta")  # a real override: fine
+    override("database.postgresql.password", "hunter2-tenant", "tenant", "acme", sensitive=True)
+    result = detect(app)
+    found = {
+        (kind, key): row
+        for (kind, env, key), row in stored(app).items()
+        if "@" in key and env == "production"
+    }
+    assert sorted(found) == [
+        ("orphan_override", "database.postgresql.password@tenant/acme"),
+        ("orphan_override", "feature.old_flag@tenant/acme"),
+        ("redundant_override", "monitoring.sample_rate@tenant/beta"),
+        ("redundant_override", "security.csrf_protection@service"),
+        ("redundant_override", "security.csrf_protection@tenant/gamma"),
+        ("schema_violation", "services.chat_service.replicas@tenant/acme"),
+    ]
+    orphan = found[("orphan_override", "feature.old_flag@tenant/acme")]
+    assert (orphan.severity, orphan.after) == ("critical", "true")
+    assert orphan.message == "tenant override for tenant acme of a key production does not declare"
+    gamma = found[("redundant_override", "security.csrf_protection@tenant/gamma")]
+    assert gamma.severity == "info" and "equal to the service value" in gamma.message
+    secret = found[("orphan_override", "database.postgresql.password@tenant/acme")]
+    assert secret.after == "***"
+    assert "hunter2" not in json.dumps(result) + json.dumps([r.message for r in found.values()])
+    labels = [
+        sample.labels
+        for metric in REGISTRY.collect()
+        if metric.name.startswith("fleet_drift")
+        for sample in metric.samples
+    ]
+    assert labels and not any(
+        value in {"acme", "beta", "gamma", "delta"} for label in labels for value in label.values()
+    )
+    # The override fixed: its findings resolve at the next run.
+    override("services.chat_service.replicas", 12, "tenant", "acme")
+    detect(app)
+    still = stored(app)[
+        ("schema_violation", "production", "services.chat_service.replicas@tenant/acme")
+    ]
+    assert still.resolved_at is not None
