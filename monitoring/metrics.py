@@ -30,6 +30,12 @@ TASK_RUNS = Counter(
     "duplicate, expired).",
     ["task", "outcome"],
 )
+MESSAGES_REFUSED = Counter(
+    "fleet_messages_refused",
+    "Messages a worker refused and dropped unrun, by reason (unsigned, bad_signature, "
+    "content_not_accepted, undecodable, invalid).",
+    ["reason"],
+)
 TASK_DURATION = Histogram(
     "fleet_task_duration_seconds",
     "Wall time of one job run, from start to its outcome.",

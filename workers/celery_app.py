@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from celery import Celery
+from celery.worker.consumer import Consumer
 from kombu.entity import Queue
 
 from workers.jobs import JOBS, QUEUES, JobSpec
@@ -110,6 +111,70 @@ def check_time_limits(
         )
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """Why a worker refused a message, as a metric label."""
+    from kombu.exceptions import ContentDisallowed, DecodeError
+
+    if isinstance(exc, ContentDisallowed):
+        # With signing on, a plain JSON message is an unsigned one.
+        return "unsigned" if "json" in str(exc) else "content_not_accepted"
+    if isinstance(exc, DecodeError) and "SecurityError" in repr(exc):
+        return "bad_signature"  # unknown certificate, or a signature that does not verify
+    if isinstance(exc, DecodeError):
+        return "undecodable"
+    return "invalid"
+
+
+def _refused(message: Any, exc: BaseException) -> None:
+    from monitoring import metrics
+    from workers.logs import get_logger
+
+    reason = refusal_reason(exc)
+    headers = getattr(message, "headers", None) or {}
+    metrics.MESSAGES_REFUSED.labels(reason).inc()
+    get_logger("fleet.worker").error(
+        "message_refused",
+        reason=reason,
+        task=headers.get("task"),
+        task_id=headers.get("id"),
+        content_type=getattr(message, "content_type", None),
+        error=type(exc).__name__,
+    )
+
+
+class FleetConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, counting and logging every message it refuses (unsigned, wrongly
+    signed, undecodable, invalid) before Celery drops it."""
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        _refused(message, exc)
+        super().on_decode_error(message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        _refused(message, exc)
+        super().on_invalid_task(body, message, exc)
+
+
+def sign_messages(app: Celery, settings: Any) -> None:
+    """Celery's message signing: every message this app sends is signed with the fleet's
+    key; a worker of it accepts only messages signed by a certificate of the store (others
+    are refused before they are decoded, counted and logged, never run). Results stay
+    JSON."""
+    store = str(settings.signing_cert_store)
+    app.conf.update(
+        task_serializer="auth",
+        accept_content=["auth"],
+        event_serializer="json",
+        result_serializer="json",
+        result_accept_content=["json"],
+        security_key=str(settings.signing_key),
+        security_certificate=str(settings.signing_cert),
+        security_cert_store=store,
+        security_digest="sha256",
+    )
+    app.setup_security(allowed_serializers=["json"], serializer="json")
+
+
 def create_app(rt: Runtime) -> Celery:
     settings = rt.settings
     modules = job_modules(rt)
@@ -139,6 +204,7 @@ def create_app(rt: Runtime) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_consumer="workers.celery_app:FleetConsumer",
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue="default",
         task_routes=(route_by_job,),
@@ -151,6 +217,8 @@ def create_app(rt: Runtime) -> Celery:
         timezone="UTC",
         include=list(modules),
     )
+    if settings.signing:
+        sign_messages(app, settings)
     app.fleet_runtime = rt
     from workers.bookkeeping import connect_bookkeeping
 

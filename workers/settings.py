@@ -154,6 +154,13 @@ class FleetSettings(BaseSettings):
         default_factory=dict, repr=False
     )
 
+    # Message signing (Celery's auth serializer): the fleet's private key and certificate,
+    # and the store (a directory, or a glob) of certificates whose signatures are trusted.
+    # All three, or none (off).
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    signing_cert_store: str | None = None
+
     # Scheduler: how long a fire's claim is remembered, and how long a replica that
     # claimed a fire has to enqueue it before another replica takes the fire over.
     fire_claim_ttl: int = Field(default=86400, gt=0)
@@ -177,6 +184,9 @@ class FleetSettings(BaseSettings):
         "config_dir",
         "schedule_file",
         "log_format",
+        "signing_key",
+        "signing_cert",
+        "signing_cert_store",
         mode="before",
     )
     @classmethod
@@ -298,6 +308,29 @@ class FleetSettings(BaseSettings):
                 "(the embedded secret store has no database secrets engine)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _signing_all_or_nothing(self) -> FleetSettings:
+        given = {
+            "SIGNING_KEY": self.signing_key,
+            "SIGNING_CERT": self.signing_cert,
+            "SIGNING_CERT_STORE": self.signing_cert_store,
+        }
+        missing = [ENV_PREFIX + name for name, value in given.items() if value is None]
+        if missing and len(missing) < len(given):
+            raise ValueError(
+                f"message signing needs {', '.join(ENV_PREFIX + n for n in given)}: "
+                f"{', '.join(missing)} missing"
+            )
+        for name in ("signing_key", "signing_cert"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: {path} is not a readable file")
+        return self
+
+    @property
+    def signing(self) -> bool:
+        return self.signing_key is not None
 
     @model_validator(mode="after")
     def _lost_after_spans_beats(self) -> FleetSettings:
