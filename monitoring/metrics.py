@@ -68,6 +68,11 @@ DRIFT_OPENED = Counter(
     "Drift findings opened (new, or back after being resolved).",
     ["environment", "kind", "severity"],
 )
+DRIFT_GIT_FETCH_FAILURES = Counter(
+    "fleet_drift_git_fetch_failures",
+    "Drift runs whose Git fetch of the desired configuration failed (the last fetched "
+    "commit used instead, or none).",
+)
 DRIFT_CACHE_HEALED = Counter(
     "fleet_drift_cache_healed",
     "Stale entries of the platform's configuration cache deleted (and their change events "

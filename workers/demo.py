@@ -49,6 +49,8 @@ _SERVICE_VARIABLES = (
     "FLEET_VAULT_DATABASE_MOUNTS",
     "FLEET_SCHEDULE_FILE",
     "FLEET_CONFIG_DIR",
+    "FLEET_DRIFT_GIT_URL",
+    "FLEET_DRIFT_CACHE_REDIS_URL",
 )
 # Each job family's part of the demo, found by module name (each has ``act()``).
 ACT_MODULES: tuple[str, ...] = (

@@ -35,6 +35,7 @@ _SECRET_FIELDS = frozenset(
         "database_url",
         "redis_url",
         "drift_cache_redis_url",
+        "drift_git_url",
         "vault_token",
         "vault_secret_id",
         "secret_key",
@@ -88,6 +89,12 @@ class FleetSettings(BaseSettings):
     # (default: the fleet's), and whether stale entries are invalidated.
     drift_cache_redis_url: str | None = Field(default=None, repr=False)
     drift_heal_cache: bool = False
+    # Drift: desired configuration from Git (any URL git understands, a local path too),
+    # at a branch, tag or commit, in a folder holding environments/ and drift-rules.yaml.
+    drift_git_url: str | None = Field(default=None, repr=False)
+    drift_git_ref: str = "main"
+    drift_git_path: str = ""
+    drift_git_timeout: float = Field(default=60.0, gt=0)
     vault_addr: str | None = None
     vault_token: SecretStr | None = Field(default=None, repr=False)
     vault_token_file: Path | None = None
@@ -170,6 +177,7 @@ class FleetSettings(BaseSettings):
         "database_url",
         "redis_url",
         "drift_cache_redis_url",
+        "drift_git_url",
         "vault_addr",
         "vault_token",
         "vault_token_file",
@@ -385,6 +393,7 @@ class FleetSettings(BaseSettings):
             url_password(self.database_url),
             url_password(self.redis_url),
             url_password(self.drift_cache_redis_url),
+            url_password(self.drift_git_url),
         ]
         with contextlib.suppress(OSError):
             found.append(self.vault_token_value())

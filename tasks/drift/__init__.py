@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from tasks.drift.cache import CacheEntry, read_entries
 from tasks.drift.diff import DriftInput, detect
+from tasks.drift.gitsource import GitUnavailable, Revision, fetch, last_root, masked
 from tasks.drift.model import CROSS, Finding
 from tasks.drift.overrides import read_layers
 from tasks.drift.rules import Rules, RulesError, load_rules, parse_rules
@@ -97,6 +99,61 @@ def layer_rows(rt: Runtime, environments: list[str]) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in connection.execute(query)]
 
 
+@dataclass(frozen=True)
+class Desired:
+    """Where a run reads the desired files and rules: the config folder, or a Git
+    checkout (``revision``); ``root`` None when Git has nothing to give (``problem``)."""
+
+    root: Path | None
+    revision: Revision | None = None
+    problem: SourceProblem | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.revision is not None:
+            return {"git": self.revision.describe()}
+        if self.problem is not None:
+            return {"git": {"error": self.problem.reason}}
+        return {"dir": str(self.root)}
+
+
+def desired_source(rt: Runtime) -> Desired:
+    """The desired configuration for this run: fetched from Git when configured (the last
+    fetched commit when the remote fails, said and counted)."""
+    from monitoring import metrics
+
+    settings = rt.settings
+    if settings.drift_git_url is None:
+        return Desired(settings.configuration_dir)
+    url = settings.drift_git_url
+    try:
+        revision = fetch(
+            settings.home, url, settings.drift_git_ref, settings.drift_git_path,
+            settings.drift_git_timeout,
+        )  # fmt: skip
+    except GitUnavailable as exc:
+        metrics.DRIFT_GIT_FETCH_FAILURES.inc()
+        log.error("drift_git_unavailable", url=masked(url), error=str(exc))
+        return Desired(None, None, SourceProblem("", f"git {masked(url)}", str(exc)))
+    if not revision.fresh:
+        metrics.DRIFT_GIT_FETCH_FAILURES.inc()
+        log.error(
+            "drift_git_fetch_failed",
+            url=revision.url,
+            ref=revision.ref,
+            error=revision.error,
+            using=revision.commit,
+        )
+    return Desired(revision.root, revision)
+
+
+def _desired_hint(rt: Runtime) -> Path | None:
+    """The desired folder known before a run fetches (environment names only)."""
+    settings = rt.settings
+    if settings.drift_git_url is None:
+        return settings.configuration_dir
+    return last_root(settings.home, settings.drift_git_url, settings.drift_git_path)
+
+
 def _known_environments(rt: Runtime) -> list[str]:
     with rt.engine.connect() as connection:
         query = (
@@ -105,18 +162,21 @@ def _known_environments(rt: Runtime) -> list[str]:
             .distinct()
         )
         live = {row[0] for row in connection.execute(query)}
-    return sorted(live | set(desired_files(rt.settings.configuration_dir)))
+    hint = _desired_hint(rt)
+    return sorted(live | set(desired_files(hint) if hint is not None else {}))
 
 
 # The last rules file that parsed, for a run whose file cannot be read or parsed.
 LAST_GOOD_RULES = "fleet:drift:rules:last-good"
 
 
-def _rules(rt: Runtime, problems: list[SourceProblem]) -> Rules:
+def _rules(rt: Runtime, problems: list[SourceProblem], root: Path | None) -> Rules:
     """The rules file's rules; when it cannot be used, the last good ones, or, with none,
     rules that hide every value (a broken file must never put secrets in clear)."""
     try:
-        rules, text = load_rules(rt.settings.configuration_dir)
+        if root is None:
+            raise RulesError("drift-rules.yaml", "no desired configuration to read it from")
+        rules, text = load_rules(root)
     except RulesError as exc:
         saved = rt.redis.get(LAST_GOOD_RULES)
         if saved is not None:
@@ -157,10 +217,13 @@ def desired_flat(
     return flat, problem
 
 
-def gather(rt: Runtime, environments: list[str], cross: bool) -> DriftInput:
-    problems: list[SourceProblem] = []
-    rules = _rules(rt, problems)
-    files = desired_files(rt.settings.configuration_dir)
+def gather(
+    rt: Runtime, environments: list[str], cross: bool, source: Desired | None = None
+) -> DriftInput:
+    source = source or Desired(rt.settings.configuration_dir)
+    problems: list[SourceProblem] = [source.problem] if source.problem else []
+    rules = _rules(rt, problems, source.root)
+    files = desired_files(source.root) if source.root is not None else {}
     desired: dict[str, Flat] = {}
     for environment in environments:
         path = files.get(environment)
@@ -291,8 +354,11 @@ def clock() -> datetime:
 
 def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -> dict[str, Any]:
     now = clock()
-    data = gather(rt, environments, cross)
+    source = desired_source(rt)
+    data = gather(rt, environments, cross, source)
     found = detect(data, now)
+    if source.revision is not None:
+        found = [replace(f, commit=source.revision.commit) for f in found]
     scopes = None if cross else {f"env:{env}" for env in environments}
     with rt.sessions.begin() as session:
         outcome = reconcile(session, found, scopes, now)
@@ -306,6 +372,7 @@ def _run(rt: Runtime, environments: list[str], cross: bool, max_findings: int) -
     result = summary(found, outcome, environments, max_findings)
     result["cache_entries"] = len(data.cache)
     result["cache_healed"] = healed
+    result["desired"] = source.describe()
     return result
 
 

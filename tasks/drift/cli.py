@@ -32,7 +32,7 @@ def report(environment: str | None, include_resolved: bool, as_json: bool) -> No
         emit_json([row_dict(row) for row in rows])
         return
     table = Table(title=f"Drift findings ({len(rows)})", title_justify="left")
-    for column in ("severity", "kind", "environment", "key", "declared", "live", "note"):
+    for column in ("severity", "kind", "environment", "key", "declared", "live", "note", "commit"):
         table.add_column(column, overflow="fold")
     for row in rows:
         note = f"expected: {row.reason}" if row.expected else row.message
@@ -46,6 +46,7 @@ def report(environment: str | None, include_resolved: bool, as_json: bool) -> No
             row.before or "",
             row.after or "",
             note,
+            (row.desired_commit or "")[:10],
         )
     console().print(table)
 

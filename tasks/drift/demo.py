@@ -2,11 +2,16 @@
 with deliberate drift; findings appear; one difference is fixed and its finding resolves.
 One entry of the platform's configuration cache is left stale on purpose (a value the
 database does not hold, under the platform's own cache key), for a ``stale_cache``
-finding."""
+finding. The workers read the desired files from a local Git repository the demo makes
+from the samples, so every finding records its commit."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import func, select
@@ -70,16 +75,42 @@ class DriftAct:
 
     def __init__(self) -> None:
         self.fixed_at: datetime | None = None
+        self.env: dict[str, str] = {}
+        self.git_note = ""
 
     def prepare(self, rt: Runtime, now: datetime) -> str:
         with rt.sessions.begin() as session:
             written = seed_live(session, rt.settings.configuration_dir, now)
         environment, key, prefix = STALE_CACHE
         rt.redis.set(prefix + key, '"stale"', ex=3600)
+        self.git_note = self._git_repository(rt.settings.configuration_dir, rt.settings.home)
         return (
             f"drift: seeded {written} live keys with {len(DELIBERATE_DRIFT)} deliberate differences"
-            f" and one stale cache entry ({environment} {key})"
+            f" and one stale cache entry ({environment} {key}); {self.git_note}"
         )
+
+    def _git_repository(self, config_dir: Path, home: Path) -> str:
+        """The sample desired files committed to a local bare repository, for the workers
+        to fetch (FLEET_DRIFT_GIT_URL)."""
+        if shutil.which("git") is None:
+            return "desired files from the folder (git is not installed)"
+        work, bare = home / "demo-git" / "work", home / "demo-git" / "desired.git"
+        shutil.rmtree(home / "demo-git", ignore_errors=True)
+        shutil.copytree(config_dir / "environments", work / "environments")
+        shutil.copy(config_dir / "drift-rules.yaml", work / "drift-rules.yaml")
+        who = {"GIT_AUTHOR_NAME": USER, "GIT_AUTHOR_EMAIL": "demo@fleet.invalid"}
+        env = {**os.environ, **who, "GIT_COMMITTER_NAME": USER,
+               "GIT_COMMITTER_EMAIL": "demo@fleet.invalid"}  # fmt: skip
+        for args, cwd in (
+            (["init", "--quiet", "-b", "main"], work),
+            (["add", "."], work),
+            (["commit", "--quiet", "-m", "desired configuration"], work),
+            (["init", "--quiet", "--bare", str(bare)], home),
+            (["push", "--quiet", str(bare), "main"], work),
+        ):
+            subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+        self.env = {"FLEET_DRIFT_GIT_URL": str(bare), "FLEET_DRIFT_GIT_REF": "main"}
+        return f"desired files from Git ({bare})"
 
     def tick(self, rt: Runtime, now: datetime, remaining: float) -> str | None:
         if self.fixed_at is not None or not self._open(rt, *FIXED):
@@ -111,7 +142,19 @@ class DriftAct:
         resolved = sum(n for _, is_open, n in rows if not is_open)
         shown = ", ".join(f"{n} {sev}" for sev, n in sorted(open_by.items())) or "none"
         stale = "found" if self._stale_found(rt) else "not found yet"
-        return f"drift findings open: {shown}; resolved: {resolved}; stale cache entry {stale}"
+        commits = self._commits(rt)
+        compared = f"; compared with commit {', '.join(c[:10] for c in commits)}" if commits else ""
+        return (
+            f"drift findings open: {shown}; resolved: {resolved}; stale cache entry {stale}"
+            f"{compared}"
+        )
+
+    def _commits(self, rt: Runtime) -> list[str]:
+        with rt.sessions() as session:
+            query = select(DriftFindingRow.desired_commit).where(
+                DriftFindingRow.desired_commit.is_not(None)
+            )
+            return sorted({c for c in session.scalars(query) if c})
 
     def problems(self, rt: Runtime) -> list[str]:
         if not self._any_open(rt):
@@ -122,6 +165,8 @@ class DriftAct:
             return [f"drift: the fixed {FIXED[0]} {FIXED[1]} finding is still open"]
         if not self._stale_found(rt):
             return ["drift: the stale cache entry was not found"]
+        if self.env and not self._commits(rt):
+            return ["drift: no finding records the Git commit it was compared with"]
         return []
 
     def _stale_found(self, rt: Runtime) -> bool:

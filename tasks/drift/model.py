@@ -47,6 +47,7 @@ class Finding:
     expected: bool = False
     reason: str | None = None
     detail: dict[str, Any] = field(default_factory=dict, compare=False)
+    commit: str | None = None  # the desired files' Git commit, when they come from Git
 
     @property
     def fingerprint(self) -> str:
@@ -80,6 +81,7 @@ class Finding:
             "before": self.before,
             "after": self.after,
             "message": self.message,
+            "commit": self.commit,
         }
 
 

@@ -47,6 +47,7 @@ def _values(finding: Finding) -> dict[str, Any]:
         "before": finding.before,
         "after": finding.after,
         "environment": finding.environment,
+        "desired_commit": finding.commit,
     }
 
 
@@ -172,4 +173,5 @@ def row_dict(row: DriftFindingRow) -> dict[str, Any]:
         "last_seen": row.last_seen.isoformat(),
         "resolved_at": row.resolved_at.isoformat() if row.resolved_at else None,
         "times_opened": row.times_opened,
+        "commit": row.desired_commit,
     }

@@ -717,3 +717,74 @@ def test_service_and_tenant_overrides_are_checked_as_the_layers_they_are(app: Ce
         ("schema_violation", "production", "services.chat_service.replicas@tenant/acme")
     ]
     assert still.resolved_at is not None
+
+
+def _git(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_desired_configuration_from_git(
+    app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local bare repository as the remote: findings record the commit; a new commit that
+    fixes a drift resolves it at the next run; an unreachable remote leaves the last
+    fetched commit in use, said in the summary and counted."""
+    rt = rt_of(app)
+    seed_as_declared(app)
+    work, bare = tmp_path / "work", tmp_path / "remote.git"
+    (work / "config" / "environments").mkdir(parents=True)
+    _git("init", "--quiet", "-b", "main", cwd=work)
+    (work / "config" / "environments" / "production.yaml").write_text(
+        PRODUCTION.replace("replicas: 10", "replicas: 7")  # live has 10: drift
+    )
+    (work / "config" / "environments" / "staging.yaml").write_text(STAGING)
+    (work / "config" / "drift-rules.yaml").write_text(RULES)
+    _git("add", ".", cwd=work)
+    _git("commit", "--quiet", "-m", "first", cwd=work)
+    first = _git("rev-parse", "HEAD", cwd=work)
+    _git("init", "--quiet", "--bare", str(bare), cwd=tmp_path)
+    _git("push", "--quiet", str(bare), "main", cwd=work)
+    git_settings = {"drift_git_url": str(bare), "drift_git_ref": "main", "drift_git_path": "config"}
+    monkeypatch.setattr(rt, "settings", rt.settings.model_copy(update=git_settings))
+
+    result = detect(app)
+    assert result["desired"]["git"] | {"url": None} == {
+        "url": None,
+        "ref": "main",
+        "commit": first,
+        "fresh": True,
+        "error": None,
+    }
+    key = ("value_changed", "production", "services.chat_service.replicas")
+    assert stored(app)[key].desired_commit == first
+    assert {row.desired_commit for row in stored(app).values()} == {first}
+
+    (work / "config" / "environments" / "production.yaml").write_text(PRODUCTION)  # the fix
+    _git("commit", "--quiet", "-am", "replicas back to 10", cwd=work)
+    second = _git("rev-parse", "HEAD", cwd=work)
+    _git("push", "--quiet", str(bare), "main", cwd=work)
+    result = detect(app)
+    assert result["desired"]["git"]["commit"] == second
+    assert stored(app)[key].resolved_at is not None
+    open_rows = [row for row in stored(app).values() if row.resolved_at is None]
+    assert open_rows and {row.desired_commit for row in open_rows} == {second}
+
+    failures = REGISTRY.get_sample_value("fleet_drift_git_fetch_failures_total") or 0.0
+    bare.rename(tmp_path / "moved.git")  # the remote is gone
+    result = detect(app)
+    source = result["desired"]["git"]
+    assert (source["commit"], source["fresh"]) == (second, False)
+    assert "git fetch" in source["error"]
+    assert REGISTRY.get_sample_value("fleet_drift_git_fetch_failures_total") == failures + 1
+    assert result["resolved"] == 0 and result["new"] == 0  # compared as before, not emptied

@@ -228,6 +228,8 @@ class DriftFindingRow(Base):
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     times_opened: Mapped[int] = mapped_column(Integer, default=1)
+    # The commit of the desired files compared with (desired configuration from Git).
+    desired_commit: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_drift_findings_open", "resolved_at", "scope"),
