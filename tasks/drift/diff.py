@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import compress
-from operator import is_not, methodcaller, ne
+from itertools import compress, repeat
+from operator import is_, is_not, methodcaller, ne, or_
 from typing import Any
 
 import orjson
@@ -212,16 +212,34 @@ def changed_keys(
 ) -> list[str]:
     """Keys of ``common`` whose live value is not the declared one.
 
-    One pass in C: values whose JSON text is identical are the same value with the same
-    types. Only the others (a few percent) are looked at one by one, where ``1`` and
-    ``1.0``, or the same mapping in another key order, still count as the same.
+    Passes in C: Python's ``!=`` and the values' types. Values that are equal with the
+    same type are the same value, except containers, whose ``==`` takes ``True`` for ``1``
+    inside them: equal containers are compared by their JSON text. Only the rest (a few
+    percent) are looked at one by one, where ``1`` and ``1.0``, or the same mapping in
+    another key order, still count as the same.
     """
     changed = [k for k in common.intersection(checksums) if checksum(desired[k]) != checksums[k]]
     keys = list(common.difference(checksums)) if checksums else list(common)
-    dumps, wanted, actual = orjson.dumps, desired.__getitem__, live.__getitem__
-    differs = map(ne, map(dumps, map(wanted, keys)), map(dumps, map(actual, keys)))
-    changed.extend(k for k in compress(keys, differs) if not same(desired[k], live[k]))
+    wanted = list(map(desired.__getitem__, keys))
+    actual = list(map(live.__getitem__, keys))
+    types = list(map(type, wanted))
+    suspect = map(
+        or_, map(ne, wanted, actual), map(is_not, types, map(type, actual))
+    )  # differ, or equal across types (True == 1)
+    suspects = set(compress(range(len(keys)), suspect))
+    dumps = orjson.dumps
+    for index in compress(range(len(keys)), map(_is_container, types)):
+        if index not in suspects and dumps(wanted[index]) != dumps(actual[index]):
+            suspects.add(index)
+    changed.extend(keys[i] for i in sorted(suspects) if not same(wanted[i], actual[i]))
     return changed
+
+
+_CONTAINERS = frozenset({list, dict})
+
+
+def _is_container(kind: type) -> bool:
+    return kind in _CONTAINERS
 
 
 def _schema(out: _Builder, environment: str, flat: Flat, source: str) -> None:
@@ -268,13 +286,16 @@ def _type_mismatches(out: _Builder, flats_by_name: Mapping[str, Flat], source: s
     flats = [flats_by_name[name] for name in names]
     key_sets = [flat.keys() for flat in flats]
     everywhere = set(key_sets[0]).intersection(*key_sets[1:])
-    ordered = list(everywhere)
-    # Keys every environment holds (nearly all): Python types per environment, compared in
-    # C; only keys whose types differ are looked at (an int beside a float is still one
-    # JSON type).
-    types = [list(map(type, map(flat.__getitem__, ordered))) for flat in flats]
-    differs = map(any, zip(*(map(is_not, types[0], other) for other in types[1:]), strict=True))
-    suspects = [(ordered[index], names) for index in compress(range(len(ordered)), differs)]
+    # Keys every environment holds (nearly all): each environment's keys grouped by Python
+    # type in C (no lookup per key), then set differences: a key is a suspect when the
+    # first environment's type for it is not another's. Suspects are judged by JSON type
+    # below (an int beside a float is still one JSON type).
+    grouped = [_keys_by_type(flat) for flat in flats]
+    found: set[str] = set()
+    for other in grouped[1:]:
+        for kind, held in grouped[0].items():
+            found |= held - other.get(kind, _NONE)
+    suspects = [(key, names) for key in found & everywhere]
     # Keys only some hold (few): compared among those that hold them.
     for key in set().union(*key_sets) - everywhere:
         holders = [name for name in names if key in flats_by_name[name]]
@@ -295,6 +316,14 @@ def _type_mismatches(out: _Builder, flats_by_name: Mapping[str, Flat], source: s
             scope="cross",
             source=source,
         )
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _keys_by_type(flat: Flat) -> dict[type, set[str]]:
+    keys, types = list(flat), list(map(type, flat.values()))
+    return {kind: set(compress(keys, map(is_, types, repeat(kind)))) for kind in set(types)}
 
 
 def _stale_cache(out: _Builder, entries: list[CacheEntry]) -> None:
