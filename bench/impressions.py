@@ -2,12 +2,17 @@
 
 1,000,000 impressions shaped like the platform's (50 flags, 3 environments, 2-3 variants,
 10,000 users, 100 tenants) are pushed, then drained by one and by two worker processes
-running the job's own drain (exactly-once bookkeeping included). Printed: impressions per
-second, each drainer's peak memory (with a smaller backlog too, to show it does not grow
-with the backlog), and the platform's per-impression UPDATE on 50,000 impressions, as a ratio.
+running the job's own drain (exactly-once bookkeeping included), each right after the
+same impressions drained by as many processes of the *bare pipeline* (LPOP 5,000, orjson,
+a dict count, COPY and INSERT ... ON CONFLICT every 50,000: no ledger, no users, no dead
+letters, no crash safety), the reference the job's figures are given as a ratio of.
+Printed: impressions per second and ratios, each drainer's peak memory (with a smaller
+backlog too, to show it does not grow with the backlog), and the platform's per-impression
+UPDATE on 50,000 impressions, as a ratio.
 
     python -m bench impressions            # everything
     python -m bench.impressions drain      # one drainer (used by the above)
+    python -m bench.impressions bare       # one bare-pipeline process (used by the above)
 
 Services: FLEET_BENCH_POSTGRES_URL (admin URL, default the local server) and
 FLEET_BENCH_REDIS_URL (default redis://127.0.0.1:6379/11, flushed).
@@ -102,6 +107,69 @@ def drainer() -> None:
     rt.close()
 
 
+_BARE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS bare_stage (flag_key text, environment text, "
+    "variant text, tenant_id text, bucket_start timestamptz, count bigint)"
+)
+_BARE_MERGE = (
+    "INSERT INTO flag_impression_counts "
+    "(flag_key, environment, variant, tenant_id, bucket_start, count) "
+    "SELECT flag_key, environment, variant, tenant_id, bucket_start, count FROM bare_stage "
+    "ON CONFLICT (flag_key, environment, variant, (coalesce(tenant_id, '')), bucket_start) "
+    "DO UPDATE SET count = flag_impression_counts.count + EXCLUDED.count"
+)
+
+
+def bare() -> None:
+    """One process of the bare pipeline; prints counted, seconds, peak RSS as JSON."""
+    import psycopg
+
+    url = os.environ["FLEET_DATABASE_URL"].replace("postgresql+psycopg", "postgresql")
+    client = redis.Redis.from_url(os.environ["FLEET_REDIS_URL"])
+    connection = psycopg.connect(url)
+    counts: dict[tuple[str, str, str, str | None, str], int] = {}
+
+    def flush() -> None:
+        lines = "".join(
+            f"{f}\t{e}\t{v}\t{t if t is not None else chr(92) + 'N'}\t{m}:00+00\t{n}\n"
+            for (f, e, v, t, m), n in counts.items()
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(_BARE_STAGE)
+            with cursor.copy("COPY bare_stage FROM STDIN") as copy:
+                copy.write(lines)
+            cursor.execute(_BARE_MERGE)
+            cursor.execute("TRUNCATE bare_stage")
+        connection.commit()
+        counts.clear()
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    counted, pending, began = 0, 0, time.perf_counter()
+    loads = orjson.loads
+    while items := client.lpop("feature_flag_impressions", 5000):
+        for raw in items:
+            r = loads(raw)
+            key = (
+                r["flag_key"],
+                r["environment"],
+                r["variant"],
+                r["tenant_id"],
+                r["timestamp"][:16],
+            )
+            counts[key] = counts.get(key, 0) + 1
+        counted += len(items)
+        pending += len(items)
+        if pending >= 50_000:
+            flush()
+            pending = 0
+    if counts:
+        flush()
+    seconds = time.perf_counter() - began
+    print(json.dumps({"counted": counted, "seconds": seconds, "peak_mb": _peak_rss_mb()}))
+    connection.close()
+
+
 def _peak_rss_mb() -> float:
     """This process's high-water RSS (VmHWM: unlike ru_maxrss, not inherited over exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -110,10 +178,12 @@ def _peak_rss_mb() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
-def run_drainers(count: int, env: dict[str, str]) -> tuple[float, int, list[float]]:
+def run_drainers(
+    count: int, env: dict[str, str], mode: str = "drain"
+) -> tuple[float, int, list[float]]:
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.impressions", "drain"],
+            [sys.executable, "-m", "bench.impressions", mode],
             env=env,
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -175,6 +245,16 @@ def _drop(name: str) -> None:
     admin.dispose()
 
 
+def _reset(url: str) -> None:
+    """Counts, ledger and users emptied: each run starts from the same tables."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("TRUNCATE flag_impression_counts, impression_batches, flag_impression_users")
+        )
+    engine.dispose()
+
+
 def _seed_flags(url: str) -> None:
     from workers.db import make_engine, migrate
 
@@ -214,6 +294,12 @@ def main() -> None:
         peak: dict[int, float] = {}
         for workers in (1, 2):
             client.flushdb()
+            _reset(url)
+            push(client, payloads)
+            bare_seconds, bare_counted, _ = run_drainers(workers, env, "bare")
+            assert bare_counted == TOTAL, f"bare counted {bare_counted:,} of {TOTAL:,}"
+            client.flushdb()
+            _reset(url)
             pushed = push(client, payloads)
             seconds, counted, peaks = run_drainers(workers, env)
             assert counted == TOTAL, f"counted {counted:,} of {TOTAL:,}"
@@ -222,6 +308,10 @@ def main() -> None:
                 f"{workers} worker(s): {TOTAL / seconds:,.0f} impressions/s end to end "
                 f"({seconds:.1f} s; push took {pushed:.1f} s); peak RSS per worker "
                 f"{', '.join(f'{p:.0f} MB' for p in peaks)}"
+            )
+            print(
+                f"  bare pipeline, {workers} process(es): {TOTAL / bare_seconds:,.0f}/s; "
+                f"the job at {bare_seconds / seconds:.0%} of it (goal: 80 %)"
             )
             peak[workers] = max(peaks)
         smaller = 2 * GROUP_IMPRESSIONS
@@ -251,5 +341,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["drain"]:
         drainer()
+    elif sys.argv[1:] == ["bare"]:
+        bare()
     else:
         main()

@@ -24,6 +24,7 @@ class CuttingProxy:
         self.target = target
         self.trigger = trigger
         self.remaining = times  # how many answers to lose; then it only forwards
+        self.passing = 0  # matching sends to let through before the first cut
         self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -32,10 +33,13 @@ class CuttingProxy:
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
-    def arm(self, trigger: bytes | None = None, times: int = 1) -> None:
+    def arm(self, trigger: bytes | None = None, times: int = 1, after: int = 0) -> None:
+        """Lose the answers to the next ``times`` sends holding ``trigger``, once ``after``
+        of them have gone through untouched."""
         with self._lock:
             self.trigger = trigger or self.trigger
             self.remaining = times
+            self.passing = after
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -48,6 +52,9 @@ class CuttingProxy:
     def _take_cut(self, data: bytes) -> bool:
         with self._lock:
             if self.remaining > 0 and self.trigger in data:
+                if self.passing > 0:
+                    self.passing -= 1
+                    return False
                 self.remaining -= 1
                 self.cuts += 1
                 return True

@@ -3,6 +3,7 @@ receiver that fails and recovers, a refusing sink, sensitive values, metrics, ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -653,3 +654,43 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
             compared += 1
     assert compared == 10
     assert b"hunter" not in b"".join(written)
+
+
+@pytest.mark.parametrize("nth", [0, 1, 2, 4, 7])
+def test_an_audit_commit_whose_answer_is_lost_ships_every_event_once(
+    rt: Runtime, archive: Path, postgres_url: str, redis_url: str, tmp_path: Path, nth: int
+) -> None:
+    """The shipper's database goes through a proxy that lets ``nth`` COMMITs through,
+    then forwards the next one (PostgreSQL commits it) and cuts the connection before the
+    answer. Whatever that commit was (the fence, a batch's state and cursor, the run's
+    checkpoint), the runs that follow ship every event once, in order, and the archive
+    verifies."""
+    from sqlalchemy.engine import make_url
+
+    from tests.cutting_proxy import cutting_proxy
+
+    add_events(rt, 300)
+    url = make_url(postgres_url)
+    with cutting_proxy((url.host or "127.0.0.1", url.port or 5432), b"COMMIT", times=0) as proxy:
+        proxied = install(
+            Runtime(
+                rt.settings.model_copy(
+                    update={
+                        "database_url": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+                            hide_password=False
+                        )
+                    }
+                )
+            )
+        )
+        proxy.arm(b"COMMIT", after=nth)
+        with contextlib.suppress(Exception):  # raised, or said in the sink's result
+            ship(proxied)
+        assert proxy.cuts == 1
+        for _ in range(3):  # the next runs, as the schedule makes them
+            ship(proxied)
+        proxied.close()
+    install(rt)
+    assert_exactly_once_in_order(ids(shipped(archive)), expected_ids(300, 3, 1))
+    verdict = verify([archive], hmac_key(rt.settings))
+    assert verdict.ok, verdict.problem

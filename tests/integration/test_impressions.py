@@ -888,3 +888,48 @@ def test_replay_dead_sends_letters_back_after_a_fix(fleet_env: dict[str, str]) -
     bad = run_fleet("impressions", "replay-dead", "--reason", "nonsense", env=fleet_env)
     assert bad.returncode == 2 and "'nonsense' is not one of" in bad.stderr
     client.close()
+
+
+@pytest.mark.parametrize("nth", [0, 1, 2])
+def test_a_counts_commit_whose_answer_is_lost_counts_once(
+    postgres_url: str, redis_url: str, tmp_path: Path, nth: int
+) -> None:
+    """PostgreSQL commits (a group of batches with counts, ledger and users, or a later
+    step) but the answer is cut on the way back (a proxy lets ``nth`` COMMITs through, then
+    loses the next one's answer): the run fails, its batches still in flight, and the next
+    run, taking them over, finds them in the ledger and counts nothing twice."""
+    from sqlalchemy.engine import make_url
+
+    from tests.cutting_proxy import cutting_proxy
+
+    url = make_url(postgres_url)
+    direct = install(
+        Runtime(
+            settings_for(
+                postgres_url, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0)
+            )
+        )
+    )
+    add_flags(direct.engine)
+    stream = Stream(4_000, bad_every=100, seed=40 + nth)
+    stream.push(direct.redis)
+    with cutting_proxy((url.host or "127.0.0.1", url.port or 5432), b"COMMIT", times=0) as proxy:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        proxied = install(
+            Runtime(
+                settings_for(
+                    through, redis_url, tmp_path, impressions_inflight_timeout=timedelta(0)
+                )
+            )
+        )
+        proxy.arm(b"COMMIT", after=nth)
+        with pytest.raises(Exception):  # noqa: B017 - the cut connection, whatever its class
+            drain(proxied, 500, 60)
+        assert proxy.cuts == 1
+        proxied.close()
+    rt = install(direct)
+    summary = drain(rt, 500, 60)
+    if nth == 0:  # the first commit is a group of counted batches: taken over, not recounted
+        assert summary["recovered_batches"] >= 1
+    assert_exact(rt, stream)
+    rt.close()
