@@ -115,6 +115,9 @@ _BARE_MERGE = (
     "INSERT INTO flag_impression_counts "
     "(flag_key, environment, variant, tenant_id, bucket_start, count) "
     "SELECT flag_key, environment, variant, tenant_id, bucket_start, count FROM bare_stage "
+    # one order for every process, or two of them deadlock on the same keys
+    'ORDER BY flag_key COLLATE "C", environment COLLATE "C", variant COLLATE "C", '
+    "coalesce(tenant_id, '') COLLATE \"C\", bucket_start "
     "ON CONFLICT (flag_key, environment, variant, (coalesce(tenant_id, '')), bucket_start) "
     "DO UPDATE SET count = flag_impression_counts.count + EXCLUDED.count"
 )
