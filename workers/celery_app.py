@@ -184,6 +184,7 @@ def create_app(rt: Runtime) -> Celery:
 
     app = Celery("fleet", set_as_current=True)
     transport = {
+        **rt.broker_options,
         "visibility_timeout": visibility,
         # How often a worker looks for messages whose worker died (their visibility
         # timeout passed). Frequent enough that a short timeout in tests is honoured.
@@ -194,7 +195,7 @@ def create_app(rt: Runtime) -> Celery:
         broker_url=rt.broker_url,
         result_backend=rt.broker_url,
         broker_transport_options=transport,
-        result_backend_transport_options={"visibility_timeout": visibility},
+        result_backend_transport_options={**rt.broker_options, "visibility_timeout": visibility},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         result_serializer="json",

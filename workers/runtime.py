@@ -10,7 +10,10 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
+from urllib.parse import unquote
 
 import redis
 from sqlalchemy import Engine
@@ -61,11 +64,25 @@ class Runtime:
 
     @property
     def broker_url(self) -> str:
-        """The same Redis in kombu's spelling (unix sockets are ``redis+socket://``)."""
+        """The same Redis in kombu's spelling (unix sockets are ``redis+socket://``,
+        Sentinel is ``sentinel://host:port;sentinel://...`` with the master's name in
+        :attr:`broker_options`)."""
         url = self.redis_url
         if url.startswith("unix://"):
             return "redis+socket://" + url[len("unix://") :]
+        sentinel = parse_sentinel_url(url)
+        if sentinel is not None:
+            auth = f":{sentinel.password}@" if sentinel.password else ""
+            return ";".join(
+                f"sentinel://{auth}{host}:{port}/{sentinel.db}" for host, port in sentinel.nodes
+            )
         return url
+
+    @property
+    def broker_options(self) -> dict[str, Any]:
+        """Transport options the broker URL needs (Sentinel's master name)."""
+        sentinel = parse_sentinel_url(self.redis_url)
+        return {"master_name": sentinel.master} if sentinel is not None else {}
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -145,6 +162,37 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[:password@]host:port[,host:port...]/MASTER[/DB]``: the master
+    that the Sentinels at ``nodes`` name, found again after a failover."""
+
+    nodes: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelURL | None:
+    if not url.startswith("redis+sentinel://"):
+        return None
+    rest = url[len("redis+sentinel://") :]
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError("a Sentinel URL is redis+sentinel://host:port[,host:port]/MASTER[/DB]")
+    nodes = []
+    for node in hosts.split(","):
+        host, _, port = node.rpartition(":")
+        nodes.append((host or node, int(port) if host else 26379))
+    db = int(parts[1]) if len(parts) > 1 else 0
+    return SentinelURL(tuple(nodes), parts[0], db, password)
+
+
 def redis_client(url: str, *, socket_timeout: float = 10, retries: int = 5) -> redis.Redis:
     """The one way the fleet builds a Redis client for its own keys: a command whose
     connection fails or times out is sent again (up to ``retries`` times, with exponential
@@ -154,9 +202,28 @@ def redis_client(url: str, *, socket_timeout: float = 10, retries: int = 5) -> r
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.retry import Retry
 
+    retry = Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.01), retries)
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        from redis.sentinel import Sentinel
+
+        watchers = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinel.nodes),
+            socket_timeout=socket_timeout,
+            sentinel_kwargs={"socket_timeout": 2},
+        )
+        master: redis.Redis = watchers.master_for(  # type: ignore[no-untyped-call]
+            sentinel.master,
+            db=sentinel.db,
+            password=sentinel.password,
+            socket_timeout=socket_timeout,
+            health_check_interval=30,
+            retry=retry,
+        )
+        return master
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.01), retries),
+        retry=retry,
     )
