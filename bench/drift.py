@@ -211,10 +211,22 @@ def end_to_end() -> None:
                 (config / "environments" / f"{env}.yaml").write_text(
                     yaml.dump(unflatten(desired[env]), Dumper=getattr(yaml, "CDumper", yaml.Dumper))
                 )
+            bare = _git_remote(config, Path(directory) / "desired.git")
+            redis_url = "redis://127.0.0.1:6379/14"
+            stale = _seed_cache(redis_url, live)
             settings = FleetSettings(
-                database_url=url, redis_url="redis://127.0.0.1:6379/14", config_dir=config
+                database_url=url,
+                redis_url=redis_url,
+                config_dir=config,
+                home=Path(directory) / "home",
+                drift_git_url=str(bare),
+                drift_git_ref="main",
             )
             rt = install(Runtime(settings))
+            print(
+                f"desired from a Git checkout ({bare.name}, fetched every run), live from "
+                f"PostgreSQL, {CACHE_ENTRIES:,} entries in the platform's cache ({stale:,} stale)"
+            )
             for label in ("first run (every finding new)", "steady state (nothing changed)"):
                 began = time.perf_counter()
                 summary = _run(rt, list(ENVIRONMENTS), True, 10)
@@ -228,6 +240,46 @@ def end_to_end() -> None:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+CACHE_ENTRIES = 100_000
+
+
+def _git_remote(config: Path, bare: Path) -> Path:
+    """The desired files committed to a local bare repository."""
+    import subprocess
+
+    who = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b"}
+    env = {**os.environ, **who, "GIT_COMMITTER_EMAIL": "b@b"}
+    for args, cwd in (
+        (["init", "--quiet", "-b", "main"], config),
+        (["add", "."], config),
+        (["commit", "--quiet", "-m", "desired"], config),
+        (["init", "--quiet", "--bare", str(bare)], config),
+        (["push", "--quiet", str(bare), "main"], config),
+    ):
+        subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+    return bare
+
+
+def _seed_cache(redis_url: str, live: dict[str, dict[str, Any]]) -> int:
+    """The platform's cache: CACHE_ENTRIES live values under its keys, 1 % of them stale."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    entries = [(env, key, value) for env in ENVIRONMENTS for key, value in live[env].items()]
+    stale = 0
+    pipe = client.pipeline(transaction=False)
+    for index, (env, key, value) in enumerate(entries[:CACHE_ENTRIES]):
+        if index % 100 == 0:
+            value, stale = ["stale"], stale + 1
+        pipe.set(f"config::{env}:environment:{key}", orjson.dumps(value))
+        if index % 10_000 == 0:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+    return stale
 
 
 def main() -> None:

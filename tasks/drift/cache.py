@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 import redis
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, select
 
 from workers.configstore import ConfigChange, platform_checksum
 from workers.db.models import Configuration
@@ -135,17 +135,10 @@ def _resolve(engine: Engine, batch: list[tuple[str, bytes]]) -> list[CacheEntry]
         where = parse_cache_key(cache_key)
         assert where is not None
         parsed[cache_key] = (where, raw)
-    conditions = [
-        and_(
-            Configuration.environment == env,
-            Configuration.scope == scope,
-            Configuration.key == key,
-            Configuration.tenant_id.is_(None)
-            if tenant is None
-            else Configuration.tenant_id == tenant,
-        )
-        for (env, scope, key, tenant), _ in parsed.values()
-    ]
+    # By key and environment (indexed, one IN list each), matched to scope and tenant here:
+    # an OR of one condition per entry makes PostgreSQL plan hundreds of branches.
+    keys = sorted({where[2] for where, _ in parsed.values()})
+    environments = sorted({where[0] for where, _ in parsed.values()})
     query = select(
         Configuration.environment,
         Configuration.scope,
@@ -155,7 +148,11 @@ def _resolve(engine: Engine, batch: list[tuple[str, bytes]]) -> list[CacheEntry]
         Configuration.encrypted,
         Configuration.sensitive,
         Configuration.meta,
-    ).where(Configuration.active.is_(True), or_(*conditions))
+    ).where(
+        Configuration.active.is_(True),
+        Configuration.key.in_(keys),
+        Configuration.environment.in_(environments),
+    )
     with engine.connect() as connection:
         rows = {(r[0], r[1], r[2], r[3]): r for r in connection.execute(query)}
     out = []
