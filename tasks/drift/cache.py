@@ -122,23 +122,39 @@ def scan(client: redis.Redis, environments: Iterable[str]) -> Iterator[list[tupl
 def read_entries(
     client: redis.Redis, engine: Engine, environments: Iterable[str]
 ) -> list[CacheEntry]:
+    """Every cached value of the environments with its row. Small caches are looked up a
+    batch at a time by key; from WHOLE_READ entries on, the environments' active rows are
+    read once (one sequential read beats hundreds of thousands of index probes)."""
+    batches = list(scan(client, environments))
+    total = sum(map(len, batches))
+    if total == 0:
+        return []
+    if total >= WHOLE_READ:
+        wanted = sorted({_where(k)[0] for batch in batches for k, _ in batch})
+        rows = _rows(engine, Configuration.environment.in_(wanted))
+        return [entry for batch in batches for entry in _match(batch, rows)]
     entries: list[CacheEntry] = []
-    for batch in scan(client, environments):
+    for batch in batches:
         for start in range(0, len(batch), LOOKUP_BATCH):
-            entries.extend(_resolve(engine, batch[start : start + LOOKUP_BATCH]))
+            part = batch[start : start + LOOKUP_BATCH]
+            keys = sorted({_where(c)[2] for c, _ in part})
+            envs = sorted({_where(c)[0] for c, _ in part})
+            found = _rows(engine, Configuration.key.in_(keys), Configuration.environment.in_(envs))
+            entries.extend(_match(part, found))
     return entries
 
 
-def _resolve(engine: Engine, batch: list[tuple[str, bytes]]) -> list[CacheEntry]:
-    parsed = {}
-    for cache_key, raw in batch:
-        where = parse_cache_key(cache_key)
-        assert where is not None
-        parsed[cache_key] = (where, raw)
-    # By key and environment (indexed, one IN list each), matched to scope and tenant here:
-    # an OR of one condition per entry makes PostgreSQL plan hundreds of branches.
-    keys = sorted({where[2] for where, _ in parsed.values()})
-    environments = sorted({where[0] for where, _ in parsed.values()})
+WHOLE_READ = 20_000
+_Where = tuple[str, str, str, str | None]
+
+
+def _where(cache_key: str) -> _Where:
+    parsed = parse_cache_key(cache_key)
+    assert parsed is not None  # scan() keeps only keys that parse
+    return parsed
+
+
+def _rows(engine: Engine, *conditions: Any) -> dict[_Where, Any]:
     query = select(
         Configuration.environment,
         Configuration.scope,
@@ -148,13 +164,13 @@ def _resolve(engine: Engine, batch: list[tuple[str, bytes]]) -> list[CacheEntry]
         Configuration.encrypted,
         Configuration.sensitive,
         Configuration.meta,
-    ).where(
-        Configuration.active.is_(True),
-        Configuration.key.in_(keys),
-        Configuration.environment.in_(environments),
-    )
+    ).where(Configuration.active.is_(True), *conditions)
     with engine.connect() as connection:
-        rows = {(r[0], r[1], r[2], r[3]): r for r in connection.execute(query)}
+        return {(r[0], r[1], r[2], r[3]): r for r in connection.execute(query)}
+
+
+def _match(batch: list[tuple[str, bytes]], rows: dict[_Where, Any]) -> list[CacheEntry]:
+    parsed = {cache_key: (_where(cache_key), raw) for cache_key, raw in batch}
     out = []
     for cache_key, (where, raw) in parsed.items():
         try:

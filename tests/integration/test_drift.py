@@ -548,15 +548,19 @@ def test_planted_secrets_leak_nowhere_with_good_or_broken_rules(
             assert invalid and which in invalid[0]["message"], phase
 
 
+@pytest.mark.parametrize("whole_read", [False, True])
 def test_stale_entries_of_the_platforms_cache_are_found_and_healed_on_request(
-    app: Celery, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    app: Celery, redis_url: str, monkeypatch: pytest.MonkeyPatch, whole_read: bool
 ) -> None:
     """Entries in the reference's key format (both spellings) against the active rows:
     current ones pass, stale, orphaned and unreadable ones are ``stale_cache``; a secret's
     cached value never appears. With healing on, the entries go and the platform's change
     events are published; the next run resolves the findings."""
+    import tasks.drift.cache
     from tests.platform_reader import Watcher
 
+    if whole_read:  # the environments' rows read at once, as for a large cache
+        monkeypatch.setattr(tasks.drift.cache, "WHOLE_READ", 1)
     rt = rt_of(app)
     seed_as_declared(app)
     with rt.sessions.begin() as session:
