@@ -111,6 +111,7 @@ def failover(group: Group) -> None:
 def test_the_fleets_client_follows_the_master_through_a_failover(group: Group) -> None:
     client = redis_client(group.url, socket_timeout=2)
     client.set("fleet:test:before", "1")
+    assert client.wait(1, 10_000) == 1  # replication is asynchronous: on the replica first
     first = group.master_port()
     failover(group)
     assert group.master_port() != first
