@@ -272,7 +272,9 @@ def test_fires_queued_while_no_worker_runs_expire_and_a_second_message_is_droppe
         what=f"both messages handled: {outcomes()}",
     )
     assert (outcomes()["success"], outcomes()["duplicate"]) == (1, 1)
-    assert '"task_duplicate_dropped"' in worker.output()
+    wait_for(  # the pool child's line reaches the log a moment after its row
+        lambda: '"task_duplicate_dropped"' in worker.output(), timeout=15, what="the log line"
+    )
     engine.dispose()
     app.close()
     rt.close()
