@@ -88,13 +88,7 @@ def result_summary(retval: Any) -> dict[str, Any] | None:
 
 
 def _request_header(task: Any, name: str) -> str | None:
-    request = getattr(task, "request", None)
-    if request is None:
-        return None
-    value = getattr(request, name, None)
-    if value is None and isinstance(getattr(request, "headers", None), dict):
-        value = request.headers.get(name)
-    return str(value) if value is not None else None
+    return _header_of(getattr(task, "request", None), name)
 
 
 def _metrics() -> Any:
@@ -171,26 +165,21 @@ def _record_start(
 ) -> int:
     at = now()
     attempt = getattr(task.request, "retries", 0) or 0
+    row = {
+        "job": task.name,
+        "task_id": task_id,
+        "schedule": schedule,
+        "args": orjson.loads(orjson.dumps(kwargs, default=str)),
+        "attempt": attempt,
+        "worker": getattr(task.request, "hostname", None),
+        "started_at": at,
+    }
     if duplicate:  # recorded, finished at once; the run that took the fire is left alone
+        finished = {"finished_at": at, "outcome": "duplicate"}
+        error = "a second message of a fire that another run took"
         with rt.sessions.begin() as session:
-            return int(
-                session.execute(
-                    insert(TaskRun)
-                    .values(
-                        job=task.name,
-                        task_id=task_id,
-                        schedule=schedule,
-                        args=orjson.loads(orjson.dumps(kwargs, default=str)),
-                        attempt=attempt,
-                        worker=getattr(task.request, "hostname", None),
-                        started_at=at,
-                        finished_at=at,
-                        outcome="duplicate",
-                        error="a second message of a fire that another run took",
-                    )
-                    .returning(TaskRun.id)
-                ).scalar_one()
-            )
+            insert_row = insert(TaskRun).values(**row, **finished, error=error)
+            return int(session.execute(insert_row.returning(TaskRun.id)).scalar_one())
     with rt.sessions.begin() as session:
         # An earlier attempt still "running" asked for this retry: its worker may not have
         # recorded its end yet (the retry can start first). It is not lost; its own end
@@ -216,18 +205,7 @@ def _record_start(
             .returning(TaskRun.id)
         ).all()
         row_id = session.execute(
-            insert(TaskRun)
-            .values(
-                job=task.name,
-                task_id=task_id,
-                schedule=schedule,
-                args=orjson.loads(orjson.dumps(kwargs, default=str)),
-                attempt=attempt,
-                worker=getattr(task.request, "hostname", None),
-                started_at=at,
-                outcome="running",
-            )
-            .returning(TaskRun.id)
+            insert(TaskRun).values(**row, outcome="running").returning(TaskRun.id)
         ).scalar_one()
     if lost:
         _metrics().TASK_RUNS.labels(task.name, "lost").inc(len(lost))
@@ -345,6 +323,9 @@ def _on_revoked(request: Any = None, expired: bool = False, sender: Any = None, 
 
 
 def _header_of(request: Any, name: str) -> str | None:
+    """A header of a task's request (or of a message Celery dropped), as text."""
+    if request is None:
+        return None
     value = getattr(request, name, None)
     if value is None and isinstance(getattr(request, "headers", None), dict):
         value = request.headers.get(name)

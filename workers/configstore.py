@@ -115,7 +115,7 @@ def _forget_rolled_back(session: Session) -> None:
     session.info.pop(_PENDING, None)
 
 
-def _change(
+def change_event(
     key: str, environment: str, scope: str, tenant_id: str | None, now: datetime
 ) -> ConfigChange:
     naive = now.astimezone(UTC).replace(tzinfo=None)
@@ -175,7 +175,10 @@ def _archive_active(
     return current
 
 
-def _version_of(row: Configuration) -> str | None:
+def version_of(row: Configuration | None) -> str | None:
+    """The version in a row's metadata (None for no row, or none readable)."""
+    if row is None:
+        return None
     try:
         meta = json.loads(row.meta or "null")
     except ValueError:
@@ -205,7 +208,7 @@ def set_configuration(
     invalidated and the change event published there once it has committed."""
     current = _archive_active(session, key, environment, scope, tenant_id)
     if current is not None:
-        audit_metadata = {"previous_version": _version_of(current), **(audit_metadata or {})}
+        audit_metadata = {"previous_version": version_of(current), **(audit_metadata or {})}
     version = f"v{int(now.timestamp() * 1000)}"
     value_checksum = platform_checksum(value)
     metadata = {
@@ -264,7 +267,7 @@ def set_configuration(
         )
     )
     session.flush()
-    _queue(session, notify, _change(key, environment, scope, tenant_id, now))
+    _queue(session, notify, change_event(key, environment, scope, tenant_id, now))
     return row
 
 
@@ -292,7 +295,7 @@ def delete_configuration(
         "environment": environment,
         "scope": scope,
         "tenant_id": tenant_id,
-        "previous_version": _version_of(current),
+        "previous_version": version_of(current),
         "user_id": user_id,
         "timestamp": now.isoformat(),
         **(audit_metadata or {}),
@@ -313,5 +316,5 @@ def delete_configuration(
         )
     )
     session.flush()
-    _queue(session, notify, _change(key, environment, scope, tenant_id, now))
+    _queue(session, notify, change_event(key, environment, scope, tenant_id, now))
     return True

@@ -43,7 +43,7 @@ from tasks.canary.prometheus import (
 )
 from tasks.canary.spec import CanarySpec
 from workers import audit
-from workers.configstore import active_value
+from workers.configstore import active_value, version_of
 from workers.db.models import CanaryAnalysis, CanaryDeployment
 from workers.jobs import RetryPolicy, job, skipped
 from workers.locks import job_locks
@@ -84,12 +84,7 @@ def create_deployment(
             "one canary per key and environment at a time"
         )
     current = active_value(session, change.key, change.environment, change.scope, change.tenant)
-    version = None
-    if current is not None and current.meta:
-        try:
-            version = json.loads(current.meta).get("version")
-        except ValueError:
-            version = None
+    version = version_of(current)
     deployment = CanaryDeployment(
         name=spec.name,
         key=change.key,

@@ -24,7 +24,12 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from workers.configstore import active_clauses, delete_configuration, set_configuration
+from workers.configstore import (
+    active_clauses,
+    delete_configuration,
+    set_configuration,
+    version_of,
+)
 from workers.db.models import CanaryDeployment, Configuration
 
 ACTOR = "config-fleet-canary"
@@ -44,17 +49,6 @@ def targets(subset: dict[str, Any] | None) -> list[Target]:
     if subset.get("service"):
         return [Target("service", None)]
     return [Target("tenant", str(t)) for t in subset.get("tenants") or []]
-
-
-def version_of(row: Configuration | None) -> str | None:
-    if row is None or not row.meta:
-        return None
-    try:
-        meta = json.loads(row.meta)
-    except ValueError:
-        return None
-    version = meta.get("version") if isinstance(meta, dict) else None
-    return version if isinstance(version, str) else None
 
 
 def _meta(row: Configuration) -> dict[str, Any]:

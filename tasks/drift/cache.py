@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 import redis
 from sqlalchemy import Engine, select
 
-from workers.configstore import ConfigChange, platform_checksum
+from workers.configstore import ConfigChange, change_event, platform_checksum
 from workers.db.models import Configuration
 
 PATTERN = "config:*"
@@ -70,10 +70,7 @@ class CacheEntry:
         return not same(self.cached, self.live)
 
     def change(self, now: datetime) -> ConfigChange:
-        naive = now.astimezone(UTC).replace(tzinfo=None)
-        return ConfigChange(
-            self.key, self.environment, self.scope, self.tenant_id, naive.isoformat()
-        )
+        return change_event(self.key, self.environment, self.scope, self.tenant_id, now)
 
 
 def parse_cache_key(cache_key: str) -> tuple[str, str, str, str | None] | None:
