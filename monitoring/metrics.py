@@ -153,6 +153,12 @@ CANARY_DECISIONS = Counter(
     "Canary decisions taken (promote, rollback, or conflict: another hand's change found).",
     ["decision"],
 )
+ROLLOUT_STEPS = Counter(
+    "fleet_rollout_steps",
+    "Looks at guarded flag rollouts by decision (advance, complete, rollback, conflict, "
+    "wait, error).",
+    ["decision"],
+)
 CONFIG_ANNOUNCE_FAILURES = Counter(
     "fleet_config_announce_failures",
     "Configuration writes committed whose cache invalidation or change event failed "
@@ -272,6 +278,22 @@ CANARY_DEPLOYMENTS = ScrapeTimeMetric(
     "Canary deployments by state (pending, analyzing, promoted, rolled_back, aborted, conflict).",
     ("state",),
 )
+ROLLOUT_PERCENTAGE = ScrapeTimeMetric(
+    "fleet_rollout_percentage",
+    "The flag's rollout_percentage now, for each flag with a rollout not finished or "
+    "finished today.",
+    ("flag", "environment"),
+)
+ROLLOUT_STEP_STARTED = ScrapeTimeMetric(
+    "fleet_rollout_step_started_timestamp_seconds",
+    "Unix time at which an active rollout's current step began.",
+    ("flag", "environment"),
+)
+ROLLOUTS = ScrapeTimeMetric(
+    "fleet_rollouts",
+    "Guarded flag rollouts by state (active, paused, completed, rolled_back, aborted, conflict).",
+    ("state",),
+)
 SCRAPE_TIME = (
     QUEUE_DEPTH,
     BROKER_UP,
@@ -295,6 +317,9 @@ SCRAPE_TIME = (
     AUDIT_SINK_UP,
     CANARY_SCORE,
     CANARY_DEPLOYMENTS,
+    ROLLOUT_PERCENTAGE,
+    ROLLOUT_STEP_STARTED,
+    ROLLOUTS,
 )
 SCRAPE_TIME_NAMES = tuple(metric.name for metric in SCRAPE_TIME)
 
@@ -365,6 +390,9 @@ class FleetStateCollector(Collector):
         yield _family(AUDIT_SINK_UP, state.audit_sink_up)
         yield _family(CANARY_SCORE, state.canary_score)
         yield _family(CANARY_DEPLOYMENTS, state.canary_deployments)
+        yield _family(ROLLOUT_PERCENTAGE, state.rollout_percentage)
+        yield _family(ROLLOUT_STEP_STARTED, state.rollout_step_started)
+        yield _family(ROLLOUTS, state.rollouts)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []

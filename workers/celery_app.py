@@ -31,6 +31,7 @@ JOB_MODULES: tuple[str, ...] = (
     "tasks.secrets",
     "tasks.audit",
     "tasks.canary",
+    "tasks.rollouts",
 )
 
 

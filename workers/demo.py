@@ -59,6 +59,7 @@ ACT_MODULES: tuple[str, ...] = (
     "tasks.secrets.demo",
     "tasks.audit.demo",
     "tasks.canary.demo",
+    "tasks.rollouts.demo",
 )
 # Jobs the demo must see succeed, and how many times, besides what the acts expect.
 EXPECTED_SUCCESSES = {"fleet.heartbeat": 2}

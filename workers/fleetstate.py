@@ -28,6 +28,8 @@ from workers.db.models import (
     CanaryAnalysis,
     CanaryDeployment,
     DriftFindingRow,
+    FeatureFlag,
+    FlagRollout,
     FleetHealth,
     SecretRotationStatus,
 )
@@ -105,6 +107,9 @@ class FleetState:
     audit_lag: dict[tuple[str, str], float] = field(default_factory=dict)
     canary_deployments: dict[str, int] = field(default_factory=dict)  # state
     canary_score: dict[str, float] = field(default_factory=dict)  # deployment
+    rollouts: dict[str, int] = field(default_factory=dict)  # state
+    rollout_percentage: dict[tuple[str, str], float] = field(default_factory=dict)
+    rollout_step_started: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 def read_fleet_state(session: Session, now: datetime) -> FleetState:
@@ -122,6 +127,7 @@ def read_fleet_state(session: Session, now: datetime) -> FleetState:
     _secrets(session, state, now)
     _audit(session, state, now)
     _canary(session, state, now)
+    _rollouts(session, state, now)
     return state
 
 
@@ -202,3 +208,30 @@ def _canary(session: Session, state: FleetState, now: datetime) -> None:
         )
     )
     state.canary_score = {name: score for name, score in scores if score is not None}
+
+
+def _rollouts(session: Session, state: FleetState, now: datetime) -> None:
+    counts = session.execute(select(FlagRollout.state, func.count()).group_by(FlagRollout.state))
+    state.rollouts = {name: int(count) for name, count in counts}
+    rows = session.execute(
+        select(
+            FlagRollout.flag_key,
+            FlagRollout.environment,
+            FlagRollout.state,
+            FlagRollout.step_started_at,
+            FeatureFlag.rollout_percentage,
+        )
+        .join(
+            FeatureFlag,
+            (FeatureFlag.key == FlagRollout.flag_key)
+            & (FeatureFlag.environment == FlagRollout.environment),
+        )
+        .where(
+            FlagRollout.state.in_(("active", "paused", "conflict"))
+            | (FlagRollout.decided_at > now - CANARY_SCORE_KEPT)
+        )
+    )
+    for key, environment, rollout_state, started, value in rows:
+        state.rollout_percentage[(key, environment)] = float(value)
+        if rollout_state == "active":
+            state.rollout_step_started[(key, environment)] = started.timestamp()

@@ -331,6 +331,40 @@ def canary() -> Board:
         [("sum by (decision) (increase(fleet_canary_decisions_total[1h]))", "{{decision}}")],
         width=24,
     )
+    board.row("Guarded flag rollouts")
+    board.add(
+        "timeseries",
+        "Rollout percentage by flag",
+        [
+            (
+                "max by (flag, environment) (fleet_rollout_percentage)",
+                "{{flag}} {{environment}}",
+            )
+        ],
+        unit="percent",
+    )
+    board.add(
+        "stat",
+        "Rollouts by state",
+        [("max by (state) (fleet_rollouts)", "{{state}}")],
+    )
+    board.add(
+        "timeseries",
+        "Rollout decisions (per hour)",
+        [("sum by (decision) (increase(fleet_rollout_steps_total[1h]))", "{{decision}}")],
+    )
+    board.add(
+        "timeseries",
+        "Time in the current step",
+        [
+            (
+                "time() - max by (flag, environment) "
+                "(fleet_rollout_step_started_timestamp_seconds)",
+                "{{flag}} {{environment}}",
+            )
+        ],
+        unit="s",
+    )
     return board
 
 

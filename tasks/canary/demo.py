@@ -37,6 +37,16 @@ DEPLOYMENTS = (
 )
 BASELINE_LATENCY = 0.10
 VERDICTS = {"pool-size-30": "promoted", "openai-timeout-10": "rolled_back"}
+# Other acts' apps for the demo's Prometheus to scrape ({scrape job: exposition}), added
+# when their modules are imported (before any act prepares): the fleet has one
+# FLEET_PROMETHEUS_URL, so there is one Prometheus for every act.
+SCRAPED: dict[str, Callable[[], str]] = {}
+_STARTED: list[str] = []  # the URL of the demo's own Prometheus, once it answers
+
+
+def judging_prometheus() -> str | None:
+    """The demo's own Prometheus (scraping :data:`SCRAPED` too), when it started."""
+    return _STARTED[-1] if _STARTED else None
 
 
 class ExpositionServer:
@@ -143,19 +153,18 @@ class CanaryAct:
         from workers.demo import free_port
 
         latencies = {"baseline": BASELINE_LATENCY, **{job: ms for _, job, _, _, ms in DEPLOYMENTS}}
-        self.apps = ExpositionServer(
-            {
-                job: latency_exposition(partial(float, seconds), seed)
-                for seed, (job, seconds) in enumerate(latencies.items())
-            }
-        )
+        routes = {
+            job: latency_exposition(partial(float, seconds), seed)
+            for seed, (job, seconds) in enumerate(latencies.items())
+        }
+        self.apps = ExpositionServer({**routes, **SCRAPED})
         scrape = [
             {
                 "job_name": job,
                 "metrics_path": f"/{job}",
                 "static_configs": [{"targets": [self.apps.address]}],
             }
-            for job in latencies
+            for job in [*latencies, *SCRAPED]
         ]
         self.own = PrometheusProcess(
             self.binary, rt.settings.home / "prometheus", scrape, free_port()
@@ -165,6 +174,7 @@ class CanaryAct:
             self.close()
             return f"canary: analysis skipped, the demo's prometheus did not start: {tail}"
         self.judged_by = self.own.url
+        _STARTED.append(self.own.url)
         self.env = {"FLEET_PROMETHEUS_URL": self.own.url}
         pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.psubscribe(**{"config_changes:*": lambda m: self.events.append(m["data"])})
@@ -237,6 +247,7 @@ class CanaryAct:
             self.watching = None
         if self.own is not None:
             self.own.close()
+            _STARTED.clear()
         if self.apps is not None:
             self.apps.close()
 

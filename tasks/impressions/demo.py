@@ -180,7 +180,11 @@ class ImpressionsAct:
 
     def _counted(self, rt: Runtime) -> tuple[int, int, int]:
         with rt.sessions() as session:
-            counted = session.scalar(select(func.coalesce(func.sum(FlagImpressionCount.count), 0)))
+            counted = session.scalar(
+                select(func.coalesce(func.sum(FlagImpressionCount.count), 0)).where(
+                    FlagImpressionCount.flag_key.in_(("new_ui_enabled", "model_configuration"))
+                )
+            )
             users = session.scalar(
                 select(func.coalesce(func.sum(FlagImpressionUsers.users), 0)).where(
                     FlagImpressionUsers.flag_key == "new_ui_enabled",

@@ -45,6 +45,11 @@ KEY_METRICS = {
     ],
     "drift": ["fleet_drift_findings", "fleet_drift_findings_opened_total"],
     "canary": ["fleet_canary_decisions_total"],
+    "rollouts": [
+        "fleet_rollout_steps_total",
+        "fleet_rollouts",
+        "fleet_rollout_step_started_timestamp_seconds",
+    ],
     "audit": ["fleet_audit_ship_lag_seconds", "fleet_audit_sink_up"],
 }
 # Prometheus's own series, which the fleet does not define.

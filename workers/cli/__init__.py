@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tasks.secrets.cli",
     "tasks.audit.cli",
     "tasks.canary.cli",
+    "tasks.rollouts.cli",
 )
 
 

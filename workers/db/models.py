@@ -505,3 +505,71 @@ AUDIT_SOURCE_TABLES: dict[str, Table] = {
     "feature_flag_audit_log": FeatureFlagAuditLog.__table__,  # type: ignore[dict-item]
     "fleet_audit_log": FleetAuditLog.__table__,  # type: ignore[dict-item]
 }
+
+
+class FlagRollout(Base):
+    """A feature flag's percentage rollout, advanced step by step by ``rollouts.advance``
+    while the canary judge finds the flag's treatment no worse than its control."""
+
+    __tablename__ = "flag_rollouts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    flag_key: Mapped[str] = mapped_column(String(256))
+    environment: Mapped[str] = mapped_column(String(64))
+    steps: Mapped[list[float]] = mapped_column(JSONDocument)  # percentages, increasing
+    step_index: Mapped[int] = mapped_column(Integer, default=0)
+    step_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    min_step_seconds: Mapped[int] = mapped_column(Integer)
+    min_impressions: Mapped[int] = mapped_column(Integer)
+    # Impressions already counted in the step's first minute when it began: not the step's.
+    treatment_before: Mapped[int] = mapped_column(BigInteger, default=0)
+    control_before: Mapped[int] = mapped_column(BigInteger, default=0)
+    treatment_variant: Mapped[str] = mapped_column(String(128))
+    control_variant: Mapped[str] = mapped_column(String(128))
+    treatment_selector: Mapped[str] = mapped_column(Text)
+    control_selector: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument)
+    judge: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    query_step_seconds: Mapped[int] = mapped_column(Integer)
+    min_samples: Mapped[int] = mapped_column(Integer)
+    inconclusive_limit: Mapped[int] = mapped_column(Integer)
+    prometheus_deadline_seconds: Mapped[int] = mapped_column(Integer)
+    on_failure: Mapped[str] = mapped_column(String(16))  # zero | previous_step
+    # The flag as it was before the rollout, and as the rollout last left it: a flag that
+    # differs from the latter was changed by another hand (conflict).
+    original_percentage: Mapped[float] = mapped_column(Float)
+    written_percentage: Mapped[float] = mapped_column(Float)
+    written_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(16))
+    inconclusives: Mapped[int] = mapped_column(Integer, default=0)
+    prometheus_down_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_analysis_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reason: Mapped[str | None] = mapped_column(Text)
+    conflict: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_flag_rollouts_state", "state"),)
+
+
+class FlagRolloutStep(Base):
+    """One look at a rollout: its impressions, the judge's verdict, what was decided."""
+
+    __tablename__ = "flag_rollout_steps"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    percentage: Mapped[float] = mapped_column(Float)
+    treatment_impressions: Mapped[int] = mapped_column(BigInteger)
+    control_impressions: Mapped[int] = mapped_column(BigInteger)
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument)
+    decision: Mapped[str] = mapped_column(String(16))  # wait, advance, complete, rollback, ...
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_flag_rollout_steps_rollout", "rollout_id", "at"),)
