@@ -523,6 +523,9 @@ def advance(
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
                 log.error("rollout_look_failed", rollout_id=rollout_id, error=reason)
                 outcome = {"rollout_id": rollout_id, "decision": "error", "reason": reason}
+                from monitoring import metrics
+
+                metrics.ROLLOUT_STEPS.labels("error").inc()
             if outcome is not None:
                 looks.append(outcome)
     return {"looks": looks, "rollouts": states(rt)}

@@ -98,6 +98,16 @@ def test_fleet_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert "openai-timeout-10=rolled_back, pool-size-30=promoted" in done.stdout
     assert 'fleet_canary_decisions_total{decision="promote"} 1.0' in done.stdout
     assert 'fleet_canary_deployments{state="promoted"} 1.0' in done.stdout  # the exporter's
+    # Guarded rollouts on the same Prometheus: one flag through every step, one rolled back,
+    # each change heard by a service instance on flag_cache_invalidation.
+    assert (
+        "new_checkout 1% -> 5% -> 25% -> 50% -> 100% (completed); "
+        "new_search 1% -> 0% (rolled_back); 7 invalidations heard"
+    ) in done.stdout
+    assert re.search(r"^rollout: ", done.stdout, re.MULTILINE)
+    assert 'fleet_rollout_percentage{environment="production",flag="new_checkout"} 100.0' in (
+        done.stdout
+    )
     # The alerts the demo's Prometheus holds, from the shipped rules: its production drift
     # and, on the embedded store, its overdue secret (pending: their `for` is longer than the
     # demo). On OpenBao every secret is new: no overdue alert.

@@ -399,3 +399,55 @@ def test_cli_start_status_pause_resume_abort(
         env=fleet_env,
     )
     assert flags.returncode == 2 and "no feature flag 'nope' in production" in flags.stderr
+
+
+def test_a_step_whose_commit_answer_is_lost_is_taken_once(
+    scraped: str, postgres_url: str, redis_url: str, tmp_path: Path, channel: Channel
+) -> None:
+    """PostgreSQL commits a step (the flag at 5 %, its audit row, the rollout's state) but
+    the answer is cut on the way back (a proxy in front of it: a fault a real server cannot
+    be made to produce). The run reports an error; the next reads back one consistent
+    state, no step taken twice, and goes on."""
+    from sqlalchemy.engine import make_url
+
+    from tests.cutting_proxy import cutting_proxy
+
+    url = make_url(postgres_url)
+    direct = install(
+        Runtime(FleetSettings(home=tmp_path, database_url=postgres_url, redis_url=redis_url))
+    )
+    add_flags(direct, "new_checkout")
+    spec = latency_rollout("checkout", "new_checkout", ENV, min_impressions=0, steps=[1, 5, 100])
+    with direct.sessions.begin() as session:
+        start_rollout(session, spec, datetime.now(UTC), "t", notify=direct.redis)
+    source = PrometheusSource(scraped)
+    with cutting_proxy((url.host or "127.0.0.1", url.port or 5432), b"COMMIT", times=0) as proxy:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        proxied = install(
+            Runtime(FleetSettings(home=tmp_path, database_url=through, redis_url=redis_url))
+        )
+        proxy.arm(b"COMMIT")
+        lost = advance(proxied, source)["looks"]
+        assert proxy.cuts == 1
+        assert [look["decision"] for look in lost] == ["error"]
+        proxied.close()
+    rt = install(direct)
+    assert flag_percentage(rt, "new_checkout") == 5.0  # the step was taken, once
+    looks = advance(rt, source)["looks"]
+    assert [(look["percentage"], look["decision"]) for look in looks] == [(5.0, "complete")]
+    with rt.sessions() as session:
+        writes = session.scalars(
+            select(FeatureFlagAuditLog.meta).where(
+                FeatureFlagAuditLog.user_id == "config-fleet-rollout"
+            )
+        ).all()
+        assert [json.loads(w or "")["flag_data"]["rollout_percentage"] for w in writes] == [
+            1.0,
+            5.0,
+            100.0,
+        ]
+    # The lost commit's invalidation was never sent (services pick 5 % up within their
+    # 30 s TTL); the start's and the completion's were.
+    wait_for(lambda: len(channel.messages) >= 2, timeout=10, what="two invalidations")
+    assert len(channel.messages) == 2
+    rt.close()
