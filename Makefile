@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test unit lint bench clean
+.PHONY: demo test unit lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The fleet under load and faults, every invariant checked: CHAOS_SECONDS (120), CHAOS_SEED.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos
 
 clean:
 	rm -rf $(VENV) .fleet .pytest_cache .mypy_cache .ruff_cache

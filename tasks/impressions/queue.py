@@ -20,6 +20,7 @@ for byte) and the same users.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from workers.backlog import IMPRESSIONS, IMPRESSIONS_DEAD, IMPRESSIONS_IN_FLIGHT
 
 SOURCE = IMPRESSIONS
 DEAD = IMPRESSIONS_DEAD
+# Only ``python -m chaos`` sets this, to prove its checks catch a broken fleet: ``dead_letters``
+# drops every dead letter, ``ledger`` lets the batch ledger count a batch twice. Never set it.
+CHAOS_BREAK = "FLEET_CHAOS_BREAK"
 BATCH_PREFIX = "fleet:impressions:batch:"
 IN_FLIGHT = IMPRESSIONS_IN_FLIGHT
 
@@ -198,6 +202,8 @@ class ImpressionQueue:
 
     def finish(self, batch: Batch, dead_letters: Sequence[bytes]) -> bool:
         """Dead letters pushed and the batch forgotten, once; False if already done."""
+        if "dead_letters" in os.environ.get(CHAOS_BREAK, ""):
+            dead_letters = ()  # a deliberately broken build: see CHAOS_BREAK
         done = self._finish(keys=[IN_FLIGHT, batch.key, DEAD], args=[batch.id, *dead_letters])
         return bool(done)
 
