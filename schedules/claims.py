@@ -133,7 +133,8 @@ class FireClaims:
         pipe.execute()
 
     def skip_to(self, schedule: str, at: datetime) -> None:
-        """Fires up to ``at`` are accounted for (caught up or counted missed)."""
+        """Fires up to ``at`` are accounted for (caught up or counted missed). Safe to
+        repeat: ``ZADD GT`` only raises the score; the same time twice is once."""
         self._redis.zadd(LAST_FIRES, {schedule: at.timestamp()}, gt=True)
 
     def last_fire(self, schedule: str) -> datetime | None:

@@ -83,6 +83,8 @@ class Dispatcher:
         return result
 
     def _send_claimed(self, schedule: Schedule, fire: Fire) -> str:
+        # A lost publish answer can send the fire twice: its task id is the fire's, and the
+        # worker's bookkeeping drops the second message (fleet:schedule:ran:<task id>).
         try:
             self._send(schedule, fire)
         except Exception as exc:

@@ -121,6 +121,8 @@ def _first_of_fire(rt: Any, task: Any, task_id: str) -> bool:
         return done is None  # given back after its worker died: run, unless it finished
     token = f"{getattr(request, 'hostname', '')}:{os.getpid()}:{uuid.uuid4().hex}"
     key = RAN_PREFIX + task_id
+    # Resolved by reading back: a SET NX whose answer was lost finds the key taken, with
+    # this run's own token in it.
     try:
         if rt.redis.set(key, token, nx=True, ex=rt.settings.fire_claim_ttl):
             return True
@@ -147,12 +149,37 @@ def _on_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **
             row_id = _record_start(rt, task, task_id, schedule, kwargs or {}, duplicate)
         except Exception as exc:
             log.warning("task_run_record_failed", phase="start", error=describe_error(exc))
+            row_id = _read_back_start(rt, task, task_id)
     with _inflight_lock:
         _inflight[task_id] = _InFlight(row_id=row_id, started=started, duplicate=duplicate)
     if duplicate:
         log.warning("task_duplicate_dropped", fire=_request_header(task, FIRE_HEADER))
         return
     log.info("task_started", attempt=getattr(task.request, "retries", 0) or 0)
+
+
+def _read_back_start(rt: Any, task: Any, task_id: str) -> int | None:
+    """Resolved by reading back: a start whose COMMIT answer was lost may have committed.
+    Its row is found by the run's task id, attempt and worker, so that the run's end is
+    written to it instead of leaving it ``running``; None when it did not commit."""
+    request = getattr(task, "request", None)
+    try:
+        with rt.sessions() as session:
+            found = session.scalar(
+                select(TaskRun.id)
+                .where(
+                    TaskRun.task_id == task_id,
+                    TaskRun.attempt == (getattr(request, "retries", 0) or 0),
+                    TaskRun.worker == getattr(request, "hostname", None),
+                    TaskRun.outcome.in_(("running", "duplicate")),
+                )
+                .order_by(TaskRun.id.desc())
+                .limit(1)
+            )
+    except Exception as exc:
+        log.warning("task_run_read_back_failed", error=describe_error(exc))
+        return None
+    return int(found) if found is not None else None
 
 
 def _record_start(

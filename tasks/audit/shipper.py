@@ -291,6 +291,9 @@ class Shipper:
                 state.last_checkpoint_at = now
                 self.run.checkpoints += 1
             # Confirmed by the sink, then (and only then) committed with the cursor.
+            # Resolved by reading back: if this commit's answer is lost, the next run adopts
+            # the file sink's records past the committed position and moves the cursors; an
+            # HTTP sink gets the batch again with the same event_ids, which receivers drop.
             state.segment, state.offset = self.sink.deliver(
                 b"".join(chained), state.segment, state.offset, now
             )

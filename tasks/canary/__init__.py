@@ -223,6 +223,9 @@ def apply_decision(
 def analyze_one(
     rt: Runtime, deployment_id: int, source: MetricsSource, now: datetime
 ) -> dict[str, Any]:
+    # Resolved by reading back: if this commit's answer is lost, record_failure finds the
+    # analysis (or the decision) committed and leaves it; a start, promotion or rollback is
+    # never written twice.
     with rt.sessions.begin() as session:
         row = session.get(CanaryDeployment, deployment_id, with_for_update=True)
         if row is None or row.state not in ACTIVE:
@@ -305,7 +308,9 @@ def record_failure(
     log.error("canary_analysis_failed", deployment_id=deployment_id, error=reason)
     with rt.sessions.begin() as session:
         row = session.get(CanaryDeployment, deployment_id, with_for_update=True)
-        if row is None or row.state not in ACTIVE:
+        # Resolved by reading back: an analysis at this very time that committed (its
+        # answer lost) is left as it is, and so is a deployment it decided.
+        if row is None or row.state not in ACTIVE or row.last_analysis_at == now:
             return {"skipped": True, "reason": reason}
         step = after_analysis(_progress(row), "error", _limits(row))
         session.add(

@@ -116,6 +116,9 @@ def commit(
     started = time.perf_counter()
     now = datetime.now(UTC)
     try:
+        # Safe to repeat: each batch id goes into impression_batches first, and a batch
+        # applied before raises AlreadyApplied with nothing written. A lost COMMIT answer
+        # fails the run; the take-over finds the batch applied.
         with rt.engine.begin() as connection:
             apply_batches(connection, [(b.id, counted) for b, counted in group], prepared, now)
     except AlreadyApplied:  # rolled back; never for batches taken fresh

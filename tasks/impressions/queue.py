@@ -74,8 +74,8 @@ return items
 """
 
 # Safe to repeat: the first run removes the batch from the in-flight set, a repeat finds it
-# gone and does nothing (it answers 0, "already finished": counts stay right, only the
-# repeat's log line says so).
+# gone and does nothing. A repeat answers 0: the letters were pushed once, but this run's
+# dead-letter metric and log leave them out.
 _FINISH = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 for i = 2, #ARGV, 1000 do
@@ -96,6 +96,8 @@ def new_batch_id(now: float) -> str:
 # empty), up to ARGV[2] of them; the others go to the left end, so the next call looks at
 # letters it has not seen. Each call is atomic (a letter is dead or queued again, never both
 # or neither) and short, so producers pushing meanwhile never meet a busy Redis.
+# Not safe to repeat as a whole: a repeated call is one more step. No letter is lost or
+# doubled, but the count can fall short and --limit be passed by up to one chunk.
 _REPLAY = """
 local looked, moved = 0, 0
 while looked < tonumber(ARGV[1]) and moved < tonumber(ARGV[2]) do

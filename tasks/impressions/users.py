@@ -10,6 +10,7 @@ written to the database at the end of each run.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -24,6 +25,19 @@ from workers.db.models import FlagImpressionUsers
 
 PREFIX = "fleet:impressions:users:"
 DIRTY = "fleet:impressions:users:dirty"
+TAKING = "fleet:impressions:users:taking:"  # + a persist call's token: the names it took
+# Take up to ARGV[1] dirty names into this call's own set KEYS[2] (expiring in ARGV[2] s).
+# Safe to repeat: a call whose set exists already ran (its answer lost); it gets the same
+# names back, where a bare SPOP sent again would take others and leave the first ones out.
+_TAKE_DIRTY = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('SMEMBERS', KEYS[2]) end
+local names = redis.call('SPOP', KEYS[1], ARGV[1])
+if #names > 0 then
+  redis.call('SADD', KEYS[2], unpack(names))
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return names
+"""
 KEEP = timedelta(days=8)  # older days are final in the database
 
 
@@ -106,9 +120,9 @@ def _restore(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
 
 def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int = 5000) -> int:
     """Write changed sketches and their counts to the database; returns how many."""
-    names = [
-        n.decode() if isinstance(n, bytes) else str(n) for n in client.spop(DIRTY, limit) or []
-    ]
+    taking = TAKING + uuid.uuid4().hex
+    taken = client.eval(_TAKE_DIRTY, 2, DIRTY, taking, limit, 3600)  # type: ignore[no-untyped-call]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in taken or []]
     if not names:
         return 0
     pipe = client.pipeline(transaction=False)
@@ -134,10 +148,13 @@ def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int
             }
         )
     try:
+        # Safe to repeat: each row is overwritten with the sketch as it stands.
         _upsert(engine, rows)
     except Exception:
         client.sadd(DIRTY, *names)  # try again next run
         raise
+    finally:
+        client.delete(taking)  # safe to repeat
     return len(rows)
 
 

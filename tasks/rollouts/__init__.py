@@ -477,6 +477,8 @@ def _count(outcome: dict[str, Any]) -> None:
 def advance_one(
     rt: Runtime, rollout_id: int, source: MetricsSource, now: datetime
 ) -> dict[str, Any] | None:
+    # Resolved by reading back: the flag and the rollout commit together; after a lost
+    # COMMIT answer the next look reads both and goes on from what committed.
     with rt.sessions.begin() as session:
         row = session.get(FlagRollout, rollout_id, with_for_update=True)
         if row is None or row.state != ACTIVE:

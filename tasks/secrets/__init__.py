@@ -144,6 +144,9 @@ def _snapshot(
     """Store this check's view; returns (path, old status, new status) for changes, and
     the paths seen before and no longer."""
     changes = []
+    # Safe to repeat: rows are overwritten with this check's view, and a change is audited
+    # against what is committed; after a lost COMMIT answer the next check audits and
+    # deletes nothing twice.
     with rt.sessions.begin() as session:
         previous = {row.path: row for row in session.scalars(select(SecretRotationStatus))}
         for status in found:

@@ -128,3 +128,36 @@ def redis_client_(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, retry=None)
     yield client
     client.close()
+
+
+def test_a_users_take_whose_answer_is_lost_persists_every_dirty_sketch(
+    proxied: tuple[CuttingProxy, redis.Redis], redis_client_: redis.Redis, postgres_url: str
+) -> None:
+    """The dirty sketches are taken into the call's own set: sent again, the take returns
+    the same names (a bare SPOP sent again would take others and leave these unsaved)."""
+    from sqlalchemy import func, select
+
+    from tasks.impressions.users import DIRTY, TAKING, persist_users, users_key
+    from workers.db import make_engine
+    from workers.db.models import FlagImpressionUsers
+
+    proxy, client = proxied
+    day = T0.date()
+    names = [users_key((f"flag{i}", "production", "on", day)) for i in range(40)]
+    for index, name in enumerate(names):
+        redis_client_.pfadd(name, *(f"u{index}-{n}" for n in range(index + 1)))
+    redis_client_.sadd(DIRTY, *names)
+    engine = make_engine(postgres_url)
+    try:
+        proxy.arm(b"EVAL")
+        assert persist_users(client, engine, T0, limit=25) == 25
+        assert proxy.cuts == 1
+        assert persist_users(client, engine, T0, limit=25) == 15
+        with engine.connect() as connection:
+            saved = connection.scalar(select(func.count()).select_from(FlagImpressionUsers))
+            users = connection.scalar(select(func.sum(FlagImpressionUsers.users)))
+        assert saved == 40 and users == sum(range(1, 41))
+    finally:
+        engine.dispose()
+    assert redis_client_.scard(DIRTY) == 0
+    assert not list(redis_client_.scan_iter(match=TAKING + "*"))  # nothing left taken

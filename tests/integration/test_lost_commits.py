@@ -1,0 +1,90 @@
+"""PostgreSQL commits and the answer is lost on the way back (a proxy lets the COMMIT
+through, then cuts the connection: a fault a real server cannot be made to produce).
+What the fleet does next reads back what committed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from tasks.canary import analyze, create_deployment
+from tasks.canary.demo import latency_canary
+from tasks.canary.prometheus import PrometheusSource
+from tests.cutting_proxy import CuttingProxy, cutting_proxy
+from tests.helpers import free_port
+from workers import bookkeeping
+from workers.configstore import set_configuration
+from workers.db.models import CanaryAnalysis, CanaryDeployment, TaskRun
+from workers.runtime import Runtime, install
+from workers.settings import FleetSettings
+
+
+@pytest.fixture
+def through_proxy(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[CuttingProxy, Runtime]]:
+    url = make_url(postgres_url)
+    with cutting_proxy((url.host or "127.0.0.1", url.port or 5432), b"COMMIT", times=0) as proxy:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        rt = install(
+            Runtime(FleetSettings(home=tmp_path, database_url=through, redis_url=redis_url))
+        )
+        yield proxy, rt
+        rt.close()
+
+
+def test_a_run_start_whose_commit_answer_is_lost_is_found_and_finished(
+    through_proxy: tuple[CuttingProxy, Runtime],
+) -> None:
+    """Without the read-back the run's row stayed ``running`` for good (its end is written
+    by row id, which the lost answer never gave)."""
+    proxy, rt = through_proxy
+    request = SimpleNamespace(retries=0, hostname="worker-1@test", headers={}, delivery_info={})
+    task = SimpleNamespace(name="fleet.heartbeat", request=request)
+    proxy.arm(b"COMMIT")
+    bookkeeping._on_prerun("task-1", task, {})
+    assert proxy.cuts == 1
+    try:
+        with bookkeeping._inflight_lock:
+            flight = bookkeeping._inflight["task-1"]
+        with rt.sessions() as session:
+            row = session.scalars(select(TaskRun).where(TaskRun.task_id == "task-1")).one()
+        assert flight.row_id == row.id and row.outcome == "running"
+    finally:
+        with bookkeeping._inflight_lock:
+            bookkeeping._inflight.pop("task-1", None)
+
+
+def test_an_analysis_whose_commit_answer_is_lost_is_not_recorded_twice(
+    through_proxy: tuple[CuttingProxy, Runtime],
+) -> None:
+    """The analysis committed (an error: Prometheus down), its answer lost: the failure
+    handler finds it and adds no second analysis, which would count one inconclusive more."""
+    proxy, rt = through_proxy
+    now = datetime.now(UTC)
+    with rt.sessions.begin() as session:
+        set_configuration(
+            session,
+            key="database.postgresql.pool_size",
+            value=10,
+            environment="production",
+            user_id="admin",
+            now=now,
+        )
+        spec = latency_canary("pool", "canary", "database.postgresql.pool_size", 25)
+        create_deployment(session, spec, now, "test")
+    down = PrometheusSource(f"http://127.0.0.1:{free_port()}", attempts=1, sleep=lambda _: None)
+    proxy.arm(b"COMMIT")
+    result = analyze(rt, down, now=now)
+    assert proxy.cuts == 1
+    assert result["analyses"][0]["skipped"] is True
+    with rt.sessions() as session:
+        analyses = session.scalar(select(func.count()).select_from(CanaryAnalysis))
+        row = session.scalars(select(CanaryDeployment)).one()
+    assert analyses == 1 and row.inconclusives == 0 and row.state == "analyzing"
