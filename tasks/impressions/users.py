@@ -121,7 +121,7 @@ def _restore(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
 def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int = 5000) -> int:
     """Write changed sketches and their counts to the database; returns how many."""
     taking = TAKING + uuid.uuid4().hex
-    taken = client.eval(_TAKE_DIRTY, 2, DIRTY, taking, limit, 3600)  # type: ignore[no-untyped-call]
+    taken = client.eval(_TAKE_DIRTY, 2, DIRTY, taking, limit, 3600)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in taken or []]
     if not names:
         return 0
