@@ -5,7 +5,10 @@ children SIGKILLed (OOM killer, node loss), a scheduler SIGKILLed, both schedule
 (a bad deploy), a worker SIGSTOPped for longer than the lock leases it holds (a GC pause, a
 VM stall) and then continued, Redis shut down and started again or every client connection
 of it killed, the fleet's PostgreSQL backends terminated (a failover, a pooler restart),
-and the audit sink's directory made immutable for a while (a full or read-only disk).
+the audit sink's directory made immutable for a while (a full or read-only disk), and an
+answer lost on its way back: the fleet's connections to Redis and PostgreSQL go through
+answer-losing proxies (:mod:`chaos.proxy`), armed to cut the answer to the next script or
+COMMIT after the server has acted.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import psycopg
 import redis
 
+from chaos.proxy import CuttingProxy
 from chaos.servers import FleetProcess, OwnRedis, Supervisor
 
 KINDS = {
@@ -36,6 +40,8 @@ KINDS = {
     "redis_client_kill": 1,
     "pg_terminate": 2,
     "sink_read_only": 1,
+    "redis_answer_lost": 2,
+    "pg_commit_lost": 2,
 }
 
 
@@ -77,6 +83,8 @@ class Injector:
     lease_seconds: float
     rng: random.Random
     log: Callable[[str], None]
+    redis_proxy: CuttingProxy | None = None
+    postgres_proxy: CuttingProxy | None = None
     done: list[Injected] = field(default_factory=list)
     _timers: list[threading.Timer] = field(default_factory=list)
 
@@ -191,6 +199,21 @@ class Injector:
 
         self._later(5.0, writable)
         return "audit sink", f"{len(paths)} paths immutable for 5s"
+
+    def _redis_answer_lost(self) -> tuple[str, str]:
+        """The next script the fleet sends (a take, a finish, a claim, a lock) runs, and
+        its answer is lost on the way back."""
+        if self.redis_proxy is None:
+            return "-", "skipped: no proxy"
+        self.redis_proxy.arm(b"EVAL", times=1)
+        return "redis", "the next script's answer will be cut"
+
+    def _pg_commit_lost(self) -> tuple[str, str]:
+        """The fleet's next COMMIT is made, and its answer is lost on the way back."""
+        if self.postgres_proxy is None:
+            return "-", "skipped: no proxy"
+        self.postgres_proxy.arm(b"COMMIT", times=1)
+        return "postgresql", "the next COMMIT's answer will be cut"
 
     def _later(self, seconds: float, action: Callable[[], None]) -> None:
         timer = threading.Timer(seconds, action)

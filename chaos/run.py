@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
@@ -21,6 +22,7 @@ from rich.table import Table
 from chaos import checks
 from chaos.faults import Injector, plan
 from chaos.load import AuditProducer, ImpressionProducer
+from chaos.proxy import CuttingProxy
 from chaos.servers import OwnRedis, Supervisor, recreate_database, wait_until
 from schedules.table import load_schedules
 from workers.backlog import IMPRESSIONS, IMPRESSIONS_IN_FLIGHT
@@ -87,6 +89,8 @@ class Run:
         self.pg_url = _database_url(options.admin_url, options.database)
         self.redis = OwnRedis(self.home / "redis")
         self.env: dict[str, str] = {}
+        self.redis_proxy: CuttingProxy | None = None
+        self.postgres_proxy: CuttingProxy | None = None
 
     def say(self, text: str) -> None:
         print(f"chaos: {text}", flush=True)
@@ -96,13 +100,24 @@ class Run:
         self.home.mkdir(parents=True)
         recreate_database(self.options.admin_url, self.options.database)
         self.redis.start()
+        # The fleet reaches both through proxies that can lose an answer (armed by faults).
+        self.redis_proxy = CuttingProxy(("127.0.0.1", self.redis.port), b"EVAL", times=0)
+        pg = urlsplit(self.pg_url)
+        self.postgres_proxy = CuttingProxy(
+            (pg.hostname or "127.0.0.1", pg.port or 5432), b"COMMIT", times=0
+        )
+        user, at, _ = pg.netloc.rpartition("@")
+        fleet_pg = pg._replace(
+            scheme="postgresql+psycopg",
+            netloc=f"{user}{at}127.0.0.1:{self.postgres_proxy.port}",
+        )
         schedule = self.home / "schedule.yaml"
         schedule.write_text(SCHEDULE)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         self.env.update(
             FLEET_HOME=str(self.home),
-            FLEET_DATABASE_URL=self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1),
-            FLEET_REDIS_URL=self.redis.url,
+            FLEET_DATABASE_URL=urlunsplit(fleet_pg),
+            FLEET_REDIS_URL=f"redis://127.0.0.1:{self.redis_proxy.port}/0",
             FLEET_SCHEDULE_FILE=str(schedule),
             FLEET_LOG_FORMAT="json",
             FLEET_WORKER_HEARTBEAT_INTERVAL="4",
@@ -177,6 +192,8 @@ class Run:
                 LOCK_LEASE,
                 random.Random(options.seed),
                 lambda line: print(f"  fault {line}", flush=True),
+                self.redis_proxy,
+                self.postgres_proxy,
             )
             for producer in (impressions, *audit):
                 producer.start()
@@ -302,10 +319,12 @@ class Run:
             for made in injector.done:
                 kinds[made.kind] = kinds.get(made.kind, 0) + 1
             restarts = ", ".join(f"{p.name} {p.restarts}" for p in sup.processes.values())
+            cut = [self.redis_proxy.cuts if self.redis_proxy else 0]
+            cut.append(self.postgres_proxy.cuts if self.postgres_proxy else 0)
             self.say(
                 "faults by kind: "
                 + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-                + f"; restarts: {restarts}"
+                + f"; answers cut: Redis {cut[0]}, PostgreSQL {cut[1]}; restarts: {restarts}"
             )
 
 
@@ -320,4 +339,7 @@ def main() -> None:
         code = run.execute()
     finally:
         run.redis.close()
+        for proxy in (run.redis_proxy, run.postgres_proxy):
+            if proxy is not None:
+                proxy.close()
     sys.exit(code)

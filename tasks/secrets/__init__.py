@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from sqlalchemy import select
 
 from tasks.secrets.model import (
@@ -190,6 +191,14 @@ def _ours(value: object, token: str) -> bool:
     return value is not None and (value.decode() if isinstance(value, bytes) else value) == token
 
 
+def claim_rotation_request(client: redis.Redis, path: str) -> bool:
+    """One rotation request per path per check interval, whatever the number of checks.
+    Resolved by reading back: a SET whose answer was lost and that the client sent again
+    finds the key taken, with this call's own token in it, and is still this call's."""
+    key, token = ENQUEUED_KEY + path, uuid.uuid4().hex
+    return bool(client.set(key, token, nx=True, ex=900)) or _ours(client.get(key), token)
+
+
 def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
     from celery import current_app
 
@@ -199,11 +208,7 @@ def _enqueue_rotations(rt: Runtime, found: list[Status]) -> list[str]:
         # shows overdue, which then means that rotation failed or that nothing rotates.
         if status.status not in ("due_soon", "overdue") or status.rotator is None:
             continue
-        # One rotation request per path per check interval, whatever the number of checks.
-        # Resolved by reading back: a SET whose answer was lost and that the client sent
-        # again finds the key taken, with this check's own token in it.
-        key, token = ENQUEUED_KEY + status.path, uuid.uuid4().hex
-        if rt.redis.set(key, token, nx=True, ex=900) or _ours(rt.redis.get(key), token):
+        if claim_rotation_request(rt.redis, status.path):
             current_app.send_task("secrets.rotate", kwargs={"path": status.path}, queue="secrets")
             enqueued.append(status.path)
     return enqueued

@@ -162,3 +162,19 @@ def test_a_users_take_whose_answer_is_lost_persists_every_dirty_sketch(
         engine.dispose()
     assert redis_client_.scard(DIRTY) == 0
     assert not list(redis_client_.scan_iter(match=TAKING + "*"))  # nothing left taken
+
+
+def test_a_rotation_request_whose_answer_is_lost_is_still_this_checks(
+    proxied: tuple[CuttingProxy, redis.Redis], redis_client_: redis.Redis
+) -> None:
+    """The request key's SET NX succeeded, its answer lost, the client sent it again and
+    found the key taken: the token there is this check's own, so it still sends the one
+    rotation; a second check in the interval does not."""
+    from tasks.secrets import ENQUEUED_KEY, claim_rotation_request
+
+    proxy, client = proxied
+    proxy.arm((ENQUEUED_KEY + "db/chatbot").encode())
+    assert claim_rotation_request(client, "db/chatbot") is True
+    assert proxy.cuts == 1
+    assert claim_rotation_request(client, "db/chatbot") is False  # the next check
+    assert redis_client_.ttl(ENQUEUED_KEY + "db/chatbot") > 0
