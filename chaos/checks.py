@@ -168,8 +168,30 @@ def _scheduler_log(logs: Path) -> tuple[dict[tuple[str, str], set[str]], dict[st
     return results, dict(missed)
 
 
+def held_in_broker(redis_url: str) -> bytes:
+    """Every message the broker still holds (queued, or unacknowledged by a worker that was
+    killed after taking it: Redis gives it back after the visibility timeout), as one blob
+    to search task ids in."""
+    client = redis.Redis.from_url(redis_url)
+    held = []
+    try:
+        for key in client.scan_iter(count=1000):
+            name = key.decode(errors="replace")
+            if name.startswith(("feature_flag_impressions", "fleet:")):
+                continue
+            kind = client.type(key)
+            if kind == b"list":
+                held.extend(client.lrange(key, 0, -1))
+            elif kind == b"hash" and name.startswith("unacked"):
+                held.extend(client.hvals(key))
+    finally:
+        client.close()
+    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in held)
+
+
 def fires(
     database_url: str,
+    held: bytes,
     schedules: list[Schedule],
     window: tuple[datetime, datetime],
     all_down: list[tuple[datetime, datetime]],
@@ -194,7 +216,7 @@ def fires(
             at = moment = upcoming[0]
             fire = Fire(schedule.name, at)
             tally["scheduled"] += 1
-            kind, said = _account(fire, outcomes.get(fire.task_id, []), logged, all_down)
+            kind, said = _account(fire, outcomes.get(fire.task_id, []), logged, all_down, held)
             tally[kind] += 1
             if said:
                 evidence.append(said)
@@ -215,6 +237,7 @@ def _account(
     seen: list[str],
     logged: dict[tuple[str, str], set[str]],
     all_down: list[tuple[datetime, datetime]],
+    held: bytes = b"",
 ) -> tuple[str, str | None]:
     """What became of one fire, and the evidence when that breaks an invariant."""
     where = f"{fire.schedule}@{fire.stamp}"
@@ -226,6 +249,8 @@ def _account(
     if seen:
         return f"ended {'/'.join(sorted(set(seen)))}", None
     said = logged.get((fire.schedule, fire.stamp), set())
+    if fire.task_id.encode() in held:
+        return "held by the broker (a killed worker's, back after the visibility timeout)", None
     if said & {"enqueued", "recovered", "caught_up"}:
         return "lost", f"{where} enqueued ({', '.join(sorted(said))}), never run"
     if "misfired" in said:

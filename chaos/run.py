@@ -245,6 +245,8 @@ class Run:
             if injector is not None:
                 injector.settle()
             supervisor.stop()
+        # After the warm shutdown: what the workers gave back, and what killed ones held.
+        held = checks.held_in_broker(self.redis.url)
         verify = self.fleet("audit", "verify", str(self.home / "audit"))
         audit_check, rows = checks.audit(
             self.pg_url,
@@ -261,6 +263,7 @@ class Run:
         )
         fire_check, fires = checks.fires(
             self.pg_url,
+            held,
             schedules,
             window,
             checks.to_datetimes(windows, origin_wall),
