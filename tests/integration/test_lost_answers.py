@@ -178,3 +178,31 @@ def test_a_rotation_request_whose_answer_is_lost_is_still_this_checks(
     assert proxy.cuts == 1
     assert claim_rotation_request(client, "db/chatbot") is False  # the next check
     assert redis_client_.ttl(ENQUEUED_KEY + "db/chatbot") > 0
+
+
+def test_a_lock_renewal_or_release_whose_answer_is_lost_keeps_the_lock_right(
+    proxied: tuple[CuttingProxy, redis.Redis], redis_client_: redis.Redis
+) -> None:
+    """Renewal extends the key only while it holds our token, release deletes it only
+    then: sent again after a lost answer, each has the effect of once. The lock outlives
+    its TTL through a lost renewal, and a lost release still leaves it free."""
+    from tests.helpers import wait_for
+
+    proxy, client = proxied
+    key = LOCK_PREFIX + "audit"
+    ttl = 1.5
+    with job_locks(client, ["audit"], ttl=ttl) as busy:
+        assert busy is None
+        proxy.arm(b"EVALSHA")  # the next renewal's answer is lost
+        wait_for(lambda: proxy.cuts == 1, timeout=10, what="a renewal cut")
+        cut_at = time.monotonic()
+        wait_for(  # held for twice its TTL after the lost renewal: renewed all along
+            lambda: time.monotonic() - cut_at > 2 * ttl and bool(redis_client_.exists(key)),
+            timeout=10,
+            what="the lock to outlive its TTL",
+        )
+        with job_locks(redis_client_, ["audit"], ttl=30) as other:
+            assert other == "audit"
+        proxy.arm(b"EVALSHA")  # and the release's
+    assert proxy.cuts == 2
+    assert not redis_client_.exists(key)

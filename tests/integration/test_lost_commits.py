@@ -88,3 +88,35 @@ def test_an_analysis_whose_commit_answer_is_lost_is_not_recorded_twice(
         analyses = session.scalar(select(func.count()).select_from(CanaryAnalysis))
         row = session.scalars(select(CanaryDeployment)).one()
     assert analyses == 1 and row.inconclusives == 0 and row.state == "analyzing"
+
+
+def test_a_secret_snapshot_whose_commit_answer_is_lost_audits_nothing_twice(
+    through_proxy: tuple[CuttingProxy, Runtime], postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The check's statuses and their audit rows committed, the answer lost: the check
+    fails (and is retried); the retry finds them committed and audits no change again."""
+    from tasks.secrets import _snapshot
+    from tasks.secrets.model import Status
+    from workers.db.models import FleetAuditLog, SecretRotationStatus
+
+    proxy, proxied = through_proxy
+    now = datetime.now(UTC)
+    found = [Status("db/chatbot", "ok", version=3), Status("apis/openai", "due_soon", version=1)]
+    proxy.arm(b"COMMIT")
+    with pytest.raises(Exception):  # noqa: B017 - the cut connection, whatever its class
+        _snapshot(proxied, found, now)
+    assert proxy.cuts == 1
+    direct = install(
+        Runtime(FleetSettings(home=tmp_path, database_url=postgres_url, redis_url=redis_url))
+    )
+    try:
+        changes, gone = _snapshot(direct, found, now)  # the retry
+        assert (changes, gone) == ([], [])
+        with direct.sessions() as session:
+            audited = session.scalars(
+                select(FleetAuditLog.subject).where(FleetAuditLog.action == "secret_status_changed")
+            ).all()
+            rows = session.scalar(select(func.count()).select_from(SecretRotationStatus))
+        assert sorted(audited) == ["apis/openai", "db/chatbot"] and rows == 2
+    finally:
+        direct.close()
