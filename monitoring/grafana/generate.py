@@ -134,6 +134,12 @@ def overview() -> Board:
         unit="s",
     )
     board.add("timeseries", "Queue depth", [("max by (queue) (fleet_queue_depth)", "{{queue}}")])
+    board.add(
+        "timeseries",
+        "Messages refused (per hour)",
+        [("sum by (reason) (increase(fleet_messages_refused_total[1h]))", "{{reason}}")],
+        description="Unsigned, badly signed or unknown messages a worker would not run.",
+    )
     board.row("Scheduler")
     board.add(
         "timeseries",
@@ -292,6 +298,17 @@ def drift() -> Board:
         ],
     )
     board.add(
+        "timeseries",
+        "Sources (per hour)",
+        [
+            ("sum(increase(fleet_drift_git_fetch_failures_total[1h]))", "Git fetch failures"),
+            (
+                "sum by (environment) (increase(fleet_drift_cache_healed_total[1h]))",
+                "stale cache entries healed {{environment}}",
+            ),
+        ],
+    )
+    board.add(
         "table",
         "Last run",
         [
@@ -300,7 +317,6 @@ def drift() -> Board:
                 "{{environment}}",
             )
         ],
-        width=24,
         unit="dateTimeAsIso",
     )
     return board
@@ -329,7 +345,13 @@ def canary() -> Board:
         "timeseries",
         "Decisions (per hour)",
         [("sum by (decision) (increase(fleet_canary_decisions_total[1h]))", "{{decision}}")],
-        width=24,
+    )
+    board.add(
+        "timeseries",
+        "Writes not announced (per hour)",
+        [("sum(increase(fleet_config_announce_failures_total[1h]))", "not announced")],
+        description="Committed configuration or flag writes whose cache invalidation or "
+        "change event failed (Redis unreachable).",
     )
     board.row("Guarded flag rollouts")
     board.add(
