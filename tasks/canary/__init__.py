@@ -146,23 +146,43 @@ def _limits(row: CanaryDeployment) -> Limits:
     )
 
 
-def judge_deployment(row: CanaryDeployment, source: MetricsSource, now: datetime) -> Verdict:
+def judge_sides(
+    metrics: list[dict[str, Any]],
+    judge: dict[str, Any],
+    min_samples: int,
+    selectors: tuple[str, str],
+    window: tuple[datetime, datetime, float],
+    source: MetricsSource,
+) -> Verdict:
+    """Each metric's query with ``$selector`` made the first side's matchers (the one
+    judged), then the second's (the one it is judged against), over ``window`` (start,
+    end, step); the scored verdict. Canaries and flag rollouts judge this way."""
     config = JudgeConfig(
-        min_samples=row.min_samples,
-        **{k: v for k, v in row.judge.items() if k in JudgeConfig.__dataclass_fields__},
+        min_samples=min_samples,
+        **{k: v for k, v in judge.items() if k in JudgeConfig.__dataclass_fields__},
     )
-    start = now - timedelta(seconds=row.window_seconds)
+    start, end, step = window
     results = []
-    for raw in row.metrics:
+    for raw in metrics:
         spec = MetricSpec.from_dict(raw)
-        canary = source.range_samples(
-            spec.query.replace("$selector", row.canary_selector), start, now, row.step_seconds
+        judged, against = (
+            source.range_samples(spec.query.replace("$selector", side), start, end, step)
+            for side in selectors
         )
-        baseline = source.range_samples(
-            spec.query.replace("$selector", row.baseline_selector), start, now, row.step_seconds
-        )
-        results.append(judge_metric(spec, canary, baseline, config))
+        results.append(judge_metric(spec, judged, against, config))
     return score(results, config)
+
+
+def judge_deployment(row: CanaryDeployment, source: MetricsSource, now: datetime) -> Verdict:
+    start = now - timedelta(seconds=row.window_seconds)
+    return judge_sides(
+        row.metrics,
+        row.judge,
+        row.min_samples,
+        (row.canary_selector, row.baseline_selector),
+        (start, now, row.step_seconds),
+        source,
+    )
 
 
 def apply_decision(

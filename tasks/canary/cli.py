@@ -32,6 +32,19 @@ def _notifier(rt: Any) -> Any:
     return client
 
 
+def metrics_from_flags(texts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``--metric NAME=PROMQL[:increase|decrease|either]`` options as spec metrics."""
+    metrics = []
+    for text in texts:
+        name, _, query = text.partition("=")
+        direction = "increase"
+        for suffix in ("increase", "decrease", "either"):
+            if query.endswith(f":{suffix}"):
+                query, direction = query[: -len(suffix) - 1], suffix
+        metrics.append({"name": name, "query": query, "direction": direction})
+    return metrics
+
+
 def _spec_from_flags(options: dict[str, Any]) -> dict[str, Any]:
     missing = [
         f"--{k.replace('_', '-')}"
@@ -40,14 +53,7 @@ def _spec_from_flags(options: dict[str, Any]) -> dict[str, Any]:
     ]
     if missing or not options["metric"]:
         raise FleetCliError(f"give a spec file, or {', '.join(missing) or '--metric'}", exit_code=2)
-    metrics = []
-    for text in options["metric"]:
-        name, _, query = text.partition("=")
-        direction = "increase"
-        for suffix in ("increase", "decrease", "either"):
-            if query.endswith(f":{suffix}"):
-                query, direction = query[: -len(suffix) - 1], suffix
-        metrics.append({"name": name, "query": query, "direction": direction})
+    metrics = metrics_from_flags(options["metric"])
     import orjson
 
     try:

@@ -37,7 +37,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tasks.canary.judge import JudgeConfig, MetricSpec, Verdict, judge_metric, score
+from tasks.canary import judge_sides
+from tasks.canary.judge import Verdict
 from tasks.canary.prometheus import (
     MetricsSource,
     PrometheusSource,
@@ -235,28 +236,15 @@ def impressions_since(session: Session, row: FlagRollout) -> tuple[int, int]:
 
 
 def judge_rollout(row: FlagRollout, source: MetricsSource, now: datetime) -> Verdict:
-    config = JudgeConfig(
-        min_samples=row.min_samples,
-        **{k: v for k, v in row.judge.items() if k in JudgeConfig.__dataclass_fields__},
-    )
     start = now - timedelta(seconds=row.window_seconds)
-    results = []
-    for raw in row.metrics:
-        spec = MetricSpec.from_dict(raw)
-        treatment = source.range_samples(
-            spec.query.replace("$selector", row.treatment_selector),
-            start,
-            now,
-            row.query_step_seconds,
-        )
-        control = source.range_samples(
-            spec.query.replace("$selector", row.control_selector),
-            start,
-            now,
-            row.query_step_seconds,
-        )
-        results.append(judge_metric(spec, treatment, control, config))
-    return score(results, config)
+    return judge_sides(
+        row.metrics,
+        row.judge,
+        row.min_samples,
+        (row.treatment_selector, row.control_selector),
+        (start, now, row.query_step_seconds),
+        source,
+    )
 
 
 def rollback_to(row: FlagRollout) -> float:

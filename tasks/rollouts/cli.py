@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tasks.canary.cli import _notifier
+from tasks.canary.cli import _notifier, metrics_from_flags
 from workers.cli.common import FleetCliError, console, emit_json, json_option, start_runtime
 
 
@@ -21,14 +21,7 @@ def _spec_from_flags(options: dict[str, Any]) -> dict[str, Any]:
     missing = [f"--{k}" for k in ("name", "flag", "environment") if options.get(k) is None]
     if missing or not options["metric"]:
         raise FleetCliError(f"give a spec file, or {', '.join(missing) or '--metric'}", exit_code=2)
-    metrics = []
-    for text in options["metric"]:
-        name, _, query = text.partition("=")
-        direction = "increase"
-        for suffix in ("increase", "decrease", "either"):
-            if query.endswith(f":{suffix}"):
-                query, direction = query[: -len(suffix) - 1], suffix
-        metrics.append({"name": name, "query": query, "direction": direction})
+    metrics = metrics_from_flags(options["metric"])
     spec: dict[str, Any] = {
         "name": options["name"],
         "flag": options["flag"],
