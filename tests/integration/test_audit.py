@@ -656,6 +656,72 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     assert b"hunter" not in b"".join(written)
 
 
+def test_a_page_with_no_key_word_ships_flat_metadata_as_stored_and_the_rest_as_before(
+    rt: Runtime,
+) -> None:
+    """A page whose metadata holds no sensitive key word, escape or line break takes the
+    page-wide fast path (only each text's shape is checked, by msgspec): the events are
+    still those of the row-by-row path, for flat, nested, malformed and odd JSON alike."""
+    from sqlalchemy import select
+
+    from tasks.audit.events import GENESIS, Chain, Protector, chain_page, render_values
+    from tasks.audit.reading import TABLES, _rendered_page
+
+    texts = [
+        '{"who": "admin", "n": 1}',
+        '  {"spaced" :  "out", "t": true, "f": null }  ',
+        '{"outer": {"who": 1}}',
+        '{"list": [1, 2]}',
+        '{"big": 123456789012345678901234567890, "x": 1.5e-7}',
+        '{"huge": 1e400}',
+        '{"a": 1, "a": 2}',
+        "{oops",
+        "[]",
+        '"text"',
+        "1",
+        "",
+    ]
+    with rt.engine.begin() as connection:
+        for i, metadata in enumerate(texts):
+            connection.execute(
+                insert(ConfigurationAuditLog.__table__),
+                {
+                    "action": "SET",
+                    "key": f"k.{i}",
+                    "environment": "production",
+                    "scope": "environment",
+                    "user_id": "admin",
+                    "checksum": "c",
+                    "sensitive": False,
+                    "timestamp": datetime(2026, 3, 1, 12, tzinfo=UTC),
+                    "metadata": metadata,
+                },
+            )
+    protector = Protector(b"k" * 32)
+    assert protector.plain_page(t.encode() for t in texts)
+    table = TABLES["configuration_audit_log"]
+    with rt.engine.connect() as connection:
+        plain = connection.execute(select(table).order_by(table.c.id)).all()
+    raw = rt.engine.raw_connection()
+    try:
+        rendered = _rendered_page(raw.driver_connection, table, 0, 100)
+    finally:
+        raw.close()
+    lines, malformed = chain_page(Chain(0, GENESIS), "configuration_audit_log", rendered, protector)
+    columns = list(table.c.keys())
+    expected = [
+        render_values("configuration_audit_log", columns, tuple(row), protector) for row in plain
+    ]
+    assert malformed == sum(e.malformed for e in expected) == 3  # {oops, 1e400, ""
+    assert len(lines) == len(texts)
+    for line, want in zip(lines, expected, strict=True):
+        got = orjson.loads(line)
+        assert {k: v for k, v in got.items() if k not in ("seq", "prev_hash", "hash")} == (
+            want.event
+        )
+    assert b'"metadata":  {"spaced" :  "out"' in lines[1]  # flat: shipped as stored
+
+
 @pytest.mark.parametrize("nth", [0, 1, 2, 4, 7])
 def test_an_audit_commit_whose_answer_is_lost_ships_every_event_once(
     rt: Runtime, archive: Path, postgres_url: str, redis_url: str, tmp_path: Path, nth: int

@@ -322,5 +322,28 @@ def test_metadata_ships_as_is_only_with_nothing_to_protect(metadata: bytes, as_i
         assert (protector.as_is(metadata) == metadata) is as_is
 
 
+@pytest.mark.parametrize(
+    ("globs", "texts", "plain"),
+    [
+        (("*password*",), [b'{"who": 1}', b'{"n": 2}'], True),
+        (("*password*",), [b'{"who": 1}', b'{"DB_PASSWORD": 2}'], False),  # any case
+        (("*password*",), [b'{"pass\\u0077ord": 1}'], False),  # an escape may spell a key
+        (("*password*",), ['{"pässword": 1}'.encode()], False),  # beyond ASCII
+        (("*password*",), [b'{\n"who": 1}'], False),  # a line break: compacted one by one
+        (("pass[wW]ord",), [b'{"password": 1}'], False),  # a class is no word
+        (("[abc]",), [b'{"a": 1}'], False),  # a glob with no word: every page walked
+        (("*",), [b'{"who": 1}'], False),
+        ((), [b'{"who": 1}'], True),
+    ],
+)
+def test_a_page_skips_the_walk_only_when_no_key_can_be_sensitive(
+    globs: tuple[str, ...], texts: list[bytes], plain: bool
+) -> None:
+    protector = Protector(KEY, globs)
+    assert protector.plain_page(texts) is plain
+    if not plain and protector.words is None:
+        assert protector.needs_walk(texts[0], False)
+
+
 def test_metadata_over_several_lines_ships_on_one() -> None:
     assert Protector(KEY).as_is(b'{\n "a": 1,\r\n "b": 2}') == b'{"a":1,"b":2}'
