@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from tasks.secrets.model import (
     PolicyError,
@@ -139,43 +140,59 @@ def statuses(
     return sorted(found, key=lambda s: s.path)
 
 
+# Taken in the snapshot's transaction on PostgreSQL: overlapping checks (a retry beside a
+# slow first attempt, two schedulers' fires on a backlog) take turns, and the second sees
+# what the first committed, so no change is audited twice.
+SNAPSHOT_LOCK = 0x5EC2E75  # pg_advisory_xact_lock key
+
+
 def _snapshot(
     rt: Runtime, found: list[Status], now: datetime
 ) -> tuple[list[tuple[str, str | None, str]], list[str]]:
     """Store this check's view; returns (path, old status, new status) for changes, and
     the paths seen before and no longer."""
-    changes = []
     # Safe to repeat: rows are overwritten with this check's view, and a change is audited
     # against what is committed; after a lost COMMIT answer the next check audits and
     # deletes nothing twice.
     with rt.sessions.begin() as session:
-        previous = {row.path: row for row in session.scalars(select(SecretRotationStatus))}
-        for status in found:
-            row = previous.get(status.path)
-            if row is None:
-                row = SecretRotationStatus(path=status.path)
-                session.add(row)
-            old = row.status if status.path in previous else None
-            row.status, row.reason, row.version = status.status, status.reason, status.version
-            row.version_created, row.due_at = status.version_created, status.due_at
-            row.notify_at, row.rotator, row.owner = status.notify_at, status.rotator, status.owner
-            row.checked_at = now
-            if old != status.status:
-                changes.append((status.path, old, status.status))
-                audit.record(
-                    session,
-                    "secret_status_changed",
-                    status.path,
-                    now,
-                    previous=old,
-                    status=status.status,
-                    reason=status.reason,
-                    version=status.version,
-                )
-        gone = sorted(set(previous) - {s.path for s in found})
-        for path in gone:
-            session.delete(previous[path])
-            audit.record(session, "secret_no_longer_seen", path, now)
+        return snapshot_in(session, found, now)
+
+
+def snapshot_in(
+    session: Session, found: list[Status], now: datetime
+) -> tuple[list[tuple[str, str | None, str]], list[str]]:
+    """:func:`_snapshot` in the caller's transaction (SQLite has one writer at a time;
+    PostgreSQL checks take turns on :data:`SNAPSHOT_LOCK`)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SNAPSHOT_LOCK})
+    changes = []
+    previous = {row.path: row for row in session.scalars(select(SecretRotationStatus))}
+    for status in found:
+        row = previous.get(status.path)
+        if row is None:
+            row = SecretRotationStatus(path=status.path)
+            session.add(row)
+        old = row.status if status.path in previous else None
+        row.status, row.reason, row.version = status.status, status.reason, status.version
+        row.version_created, row.due_at = status.version_created, status.due_at
+        row.notify_at, row.rotator, row.owner = status.notify_at, status.rotator, status.owner
+        row.checked_at = now
+        if old != status.status:
+            changes.append((status.path, old, status.status))
+            audit.record(
+                session,
+                "secret_status_changed",
+                status.path,
+                now,
+                previous=old,
+                status=status.status,
+                reason=status.reason,
+                version=status.version,
+            )
+    gone = sorted(set(previous) - {s.path for s in found})
+    for path in gone:
+        session.delete(previous[path])
+        audit.record(session, "secret_no_longer_seen", path, now)
     return changes, gone
 
 

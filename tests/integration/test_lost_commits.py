@@ -120,3 +120,53 @@ def test_a_secret_snapshot_whose_commit_answer_is_lost_audits_nothing_twice(
         assert sorted(audited) == ["apis/openai", "db/chatbot"] and rows == 2
     finally:
         direct.close()
+
+
+def test_overlapping_secret_checks_take_turns_and_audit_each_change_once(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A first check holds its snapshot transaction open (it has written its statuses and
+    their audit rows, not committed yet); a second check meanwhile waits on the snapshot
+    lock, then sees the first's rows and audits nothing again. Without the lock the second
+    read the table before the first committed and audited every change a second time."""
+    import threading
+
+    from sqlalchemy import text
+
+    from tasks.secrets import SNAPSHOT_LOCK, _snapshot, snapshot_in
+    from tasks.secrets.model import Status
+    from tests.helpers import wait_for
+    from workers.db.models import FleetAuditLog
+
+    rt = install(
+        Runtime(FleetSettings(home=tmp_path, database_url=postgres_url, redis_url=redis_url))
+    )
+    now = datetime.now(UTC)
+    found = [Status("db/chatbot", "ok", version=3), Status("apis/openai", "due_soon", version=1)]
+    second: list[object] = []
+    with rt.sessions.begin() as first:
+        assert len(snapshot_in(first, found, now)[0]) == 2
+        thread = threading.Thread(target=lambda: second.append(_snapshot(rt, found, now)))
+        thread.start()
+
+        def waiting() -> bool:
+            with rt.engine.connect() as connection:
+                return bool(
+                    connection.execute(
+                        text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND NOT granted AND objid = :k"
+                        ),
+                        {"k": SNAPSHOT_LOCK},
+                    ).scalar()
+                )
+
+        wait_for(waiting, timeout=10, what="the second check to wait on the snapshot lock")
+    thread.join(10)
+    assert second == [([], [])]
+    with rt.sessions() as session:
+        audited = session.scalars(
+            select(FleetAuditLog.subject).where(FleetAuditLog.action == "secret_status_changed")
+        ).all()
+    rt.close()
+    assert sorted(audited) == ["apis/openai", "db/chatbot"]
