@@ -294,6 +294,40 @@ ROLLOUTS = ScrapeTimeMetric(
     "Guarded flag rollouts by state (active, paused, completed, rolled_back, aborted, conflict).",
     ("state",),
 )
+# Label values of the counters whose increase() an alert watches, known before any event.
+ROLLOUT_DECISIONS = ("advance", "complete", "rollback", "conflict", "wait", "error")
+CANARY_DECISION_NAMES = ("promote", "rollback", "conflict")
+REFUSAL_REASONS = ("unsigned", "bad_signature", "content_not_accepted", "undecodable", "invalid")
+
+
+def start_at_zero(
+    jobs: Iterable[str],
+    environments: Iterable[str],
+    dead_letter_reasons: Iterable[str],
+    drift_kinds: Iterable[str],
+) -> None:
+    """Create at 0 every series an alert takes the increase() of, for the label values a
+    worker knows when it starts. A labelled series otherwise first appears at its first
+    event, already at 1, and increase() of a series that holds 1 from its first sample is
+    0: the first rollback, lost run or refused message of each worker's life never
+    alerted. Prometheus's own advice: initialise the label values you know."""
+    for job in jobs:
+        for outcome in ("failure", "lost"):
+            TASK_RUNS.labels(job, outcome)
+    for reason in REFUSAL_REASONS:
+        MESSAGES_REFUSED.labels(reason)
+    for reason in dead_letter_reasons:
+        IMPRESSIONS_DEAD_LETTERED.labels(reason)
+    for decision in CANARY_DECISION_NAMES:
+        CANARY_DECISIONS.labels(decision)
+    for decision in ROLLOUT_DECISIONS:
+        ROLLOUT_STEPS.labels(decision)
+    for environment in environments:
+        for kind in drift_kinds:
+            for severity in ("critical", "warning"):  # FleetNewDrift leaves info out
+                DRIFT_OPENED.labels(environment, kind, severity)
+
+
 SCRAPE_TIME = (
     QUEUE_DEPTH,
     BROKER_UP,

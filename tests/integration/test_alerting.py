@@ -120,6 +120,13 @@ def query(url: str, expression: str) -> list[dict[str, Any]]:
     return result
 
 
+def serving(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def scalar(url: str, expression: str) -> float | None:
     result = query(url, expression)
     return float(result[0]["value"][1]) if result else None
@@ -186,6 +193,8 @@ def test_alerts_fire_and_resolve_through_alertmanager_with_two_workers(
         "scheduler", "--schedule-file", schedule, "--metrics-port", str(ports["scheduler"]), env=env
     )
     spawn("exporter", "--metrics-port", str(ports["exporter"]), env=env)
+    for port in ports.values():  # up before Prometheus's first look: no "down" at start
+        wait_for(lambda p=port: serving(p), timeout=60, what=f"/metrics on port {port}")
     targets = {
         "fleet-workers": [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}"],
         "fleet-schedulers": [f"127.0.0.1:{ports['scheduler']}"],
@@ -297,3 +306,120 @@ def check_dashboards(url: str) -> None:
                     assert tasks and None not in tasks, f"{path.name}: {panel['title']}"
                     assert len(tasks) == len(set(tasks)), f"{path.name}: {panel['title']}"
     assert checked > 30
+
+
+ROLLOUT_SCHEDULE = """
+schedules:
+  - {name: rollouts, job: rollouts.advance, cron: "*/2 * * * * *", misfire_grace_seconds: 2}
+"""
+
+
+def test_rollout_alerts_fire_through_alertmanager_from_a_workers_first_rollback(
+    fleet: tuple[dict[str, str], Runtime], spawn: Spawn, tmp_path: Path
+) -> None:
+    """The three rollout alerts, from the shipped rules (times shortened) through a real
+    Prometheus and Alertmanager: a rollout a worker rolls back (its judge finds no data and
+    fails closed), one a person's change stops (conflict), one whose step began 7 hours ago
+    (stuck). The rollback is the worker's first: its counter series is scraped at 0 before
+    it, so increase() sees it (a series first scraped at 1 never alerted)."""
+    from tasks.rollouts import start_rollout
+    from tasks.rollouts.demo import demo_flag, latency_rollout
+    from workers.db.models import FeatureFlag, FeatureFlagAuditLog, FlagRollout
+
+    env, rt = fleet
+    now = datetime.now(UTC)
+    with rt.sessions.begin() as session:
+        for key in ("new_back", "new_conflict", "new_stuck"):
+            session.add(demo_flag(key, "production", now - timedelta(days=1)))
+    for name, key in (("conflicted", "new_conflict"), ("stuck", "new_stuck")):
+        with rt.sessions.begin() as session:
+            spec = latency_rollout(name, key, "production", min_step="10h", min_impressions=0)
+            start_rollout(session, spec, now, "test")
+    with rt.sessions.begin() as session:
+        flag = session.get(FeatureFlag, ("new_conflict", "production"))
+        assert flag is not None
+        flag.rollout_percentage, flag.updated_at, flag.updated_by = 50.0, now, "alice"
+        session.add(
+            FeatureFlagAuditLog(
+                flag_key="new_conflict", action="UPDATE", user_id="alice", timestamp=now
+            )
+        )
+        stuck = session.scalars(select(FlagRollout).where(FlagRollout.name == "stuck")).one()
+        stuck.step_started_at = now - timedelta(hours=7)
+
+    ports = {name: free_port() for name in ("worker", "scheduler", "exporter")}
+    targets = {
+        "fleet-workers": [f"127.0.0.1:{ports['worker']}"],
+        "fleet-schedulers": [f"127.0.0.1:{ports['scheduler']}"],
+        "fleet-exporter": [f"127.0.0.1:{ports['exporter']}"],
+    }
+    (tmp_path / "rollouts.yaml").write_text(ROLLOUT_SCHEDULE)
+    rules = shortened_rules(tmp_path)
+    with (
+        WebhookReceiver() as receiver,
+        alertmanager(receiver.url) as am_url,
+        prometheus_from_config(
+            PROMETHEUS / "prometheus.yml", targets, rules, alertmanager_url=am_url
+        ) as url,
+    ):
+        env["FLEET_PROMETHEUS_URL"] = url
+        worker = ("worker", "-Q", "canary", "-c", "1", "--metrics-port", str(ports["worker"]))
+        spawn(*worker, env=env, name="worker")
+        spawn("exporter", "--metrics-port", str(ports["exporter"]), env=env)
+        wait_for(
+            lambda: scalar(url, 'sum(fleet_rollout_steps_total{decision="rollback"})') == 0,
+            timeout=60,
+            what="the worker's rollback counter scraped at 0",
+        )
+        from tasks.drift.model import KINDS
+        from tasks.impressions.records import REASONS
+
+        at_zero = {  # every alerted counter series the worker knows of, before any event
+            'fleet_task_runs_total{task="rollouts.advance", outcome="lost"}': 1,
+            "fleet_messages_refused_total": 5,
+            "fleet_impressions_dead_lettered_total": len(REASONS),
+            "fleet_canary_decisions_total": 3,
+            "fleet_rollout_steps_total": 6,
+            'fleet_drift_findings_opened_total{environment="production"}': 2 * len(KINDS),
+        }
+        for series, count in at_zero.items():
+            assert scalar(url, f"count({series})") == count, series
+            assert scalar(url, f"sum({series})") == 0, series
+        spawn(
+            "scheduler",
+            "--schedule-file",
+            str(tmp_path / "rollouts.yaml"),
+            "--metrics-port",
+            str(ports["scheduler"]),
+            env=env,
+        )
+        receiver.wait_for(named("FleetRolloutConflict"), 90, "the conflict alert")
+        with rt.sessions.begin() as session:
+            spec = latency_rollout(
+                "back",
+                "new_back",
+                "production",
+                min_impressions=0,
+                treatment={"selector": 'flag="new_back",flag_variant="missing"'},
+                analysis={"window": 20, "step": 1, "min_samples": 8, "inconclusive_limit": 2},
+            )
+            start_rollout(session, spec, datetime.now(UTC), "test")
+        receiver.wait_for(named("FleetRolloutRolledBack"), 90, "the rolled-back alert")
+        receiver.wait_for(
+            named("FleetRolloutStuck", flag="new_stuck", environment="production"),
+            60,
+            "the stuck alert",
+        )
+        assert scalar(url, 'sum(fleet_rollout_steps_total{decision="rollback"})') == 1
+        received = receiver.alerts()
+
+    with rt.sessions() as session:
+        states = dict(session.execute(select(FlagRollout.name, FlagRollout.state)).all())
+    assert states == {"conflicted": "conflict", "stuck": "active", "back": "rolled_back"}
+    stuck_alerts = [a for a in received if a["labels"]["alertname"] == "FleetRolloutStuck"]
+    assert {a["labels"]["flag"] for a in stuck_alerts} == {"new_stuck"}
+    sections = {line[3:].strip() for line in RUNBOOK.read_text().splitlines() if line[:3] == "## "}
+    for alert in received:
+        if alert["labels"]["alertname"].startswith("FleetRollout"):
+            assert alert["labels"]["alertname"] in sections
+            assert "{{" not in alert["annotations"]["description"]

@@ -19,6 +19,7 @@ from workers.cli.common import (
     start_runtime,
 )
 from workers.jobs import QUEUES
+from workers.settings import FleetSettings
 
 arg_option = click.option(
     "--arg",
@@ -61,6 +62,19 @@ def _queues(value: str | None) -> list[str]:
             f"unknown queue {unknown[0]!r} (known: {', '.join(QUEUES)})", exit_code=2
         )
     return chosen
+
+
+def _counters_at_zero(settings: FleetSettings) -> None:
+    """Every alerted counter series this worker can know of, at 0 before its first event
+    (see :func:`monitoring.metrics.start_at_zero`)."""
+    from monitoring import metrics
+    from tasks.drift.model import KINDS
+    from tasks.drift.sources import desired_files
+    from tasks.impressions.records import REASONS
+    from workers.jobs import JOBS
+
+    environments = desired_files(settings.configuration_dir)
+    metrics.start_at_zero(JOBS, environments, REASONS, KINDS)
 
 
 @click.command()
@@ -115,6 +129,7 @@ def worker(
     from workers.logs import get_logger
 
     app = create_app(rt)
+    _counters_at_zero(settings)
     bound = serve_metrics(port, build_registry())
     record_build_info("worker")
     node = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
