@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,11 +18,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from workers.ports import free_port
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> None:

@@ -14,7 +14,6 @@ import importlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from monitoring.prometheus_process import PrometheusProcess
 from workers.cli.common import FleetCliError, start_runtime
 from workers.cli.common import console as wide_console
 from workers.db.models import TaskRun
+from workers.ports import free_port
 from workers.runtime import Runtime
 from workers.settings import load_settings
 
@@ -82,12 +82,6 @@ class DemoAct(Protocol):
 
 def load_acts() -> list[DemoAct]:
     return [importlib.import_module(name).act() for name in ACT_MODULES]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

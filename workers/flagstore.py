@@ -13,6 +13,7 @@ counted, the services' 30-second cache TTL bounding how long they keep the old f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,16 @@ from workers.db.models import FeatureFlag, FeatureFlagAuditLog
 log = structlog.get_logger(__name__)
 
 CHANNEL = "flag_cache_invalidation"
+
+
+def user_hash(user_id: str, salt: str) -> float:
+    """Where a user falls in a rollout, 0 to 100, as the platform's flag service hashes
+    them: MD5 of ``user_id:salt`` (the flag key, or a rule's variant), first 8 hex digits,
+    modulo 10,000, in hundredths."""
+    digest = hashlib.md5(f"{user_id}:{salt}".encode(), usedforsecurity=False).hexdigest()
+    return (int(digest[:8], 16) % 10000) / 100
+
+
 _PENDING = "fleet_flag_changes"  # session.info: invalidations to publish after the commit
 
 

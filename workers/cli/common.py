@@ -74,3 +74,19 @@ def console() -> Any:
 
 def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")(func)
+
+
+def notifier(rt: Runtime) -> Any:
+    """Where cache invalidations and change events go (the Redis client); None, said on
+    stderr, when Redis cannot be reached: the writes are still made, unannounced."""
+    try:
+        client = rt.redis
+        client.ping()
+    except Exception as exc:
+        click.echo(
+            f"warning: Redis unreachable ({type(exc).__name__}): written without cache "
+            "invalidation or change event",
+            err=True,
+        )
+        return None
+    return client
