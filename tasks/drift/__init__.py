@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -56,30 +58,38 @@ MAX_EVENT_LINES = 100
 TIME_LIMIT = 300
 
 
-def live_rows(rt: Runtime, environments: list[str] | None) -> list[tuple[Any, ...]]:
-    """Active environment-wide rows, as tuples in :class:`LiveRow` order."""
-    query = select(
-        Configuration.id,
-        Configuration.environment,
-        Configuration.key,
-        Configuration.value,
-        Configuration.sensitive,
-        Configuration.encrypted,
-        Configuration.meta,
-    ).where(
-        Configuration.active.is_(True),
-        Configuration.tenant_id.is_(None),
-        Configuration.scope == LIVE_SCOPE,
-    )
-    if environments is not None:
-        query = query.where(Configuration.environment.in_(environments))
-    with rt.engine.connect() as connection:
-        return [tuple(row) for row in connection.execute(query)]
+LAYER_SCOPES = ("service", "tenant", "global")
 
 
-def layer_rows(rt: Runtime, environments: list[str]) -> list[tuple[Any, ...]]:
-    """Active rows at service, tenant and global scope: the layers around the
-    environment-wide ones (see :mod:`tasks.drift.overrides`)."""
+@dataclass
+class ActiveRows:
+    """Every active row of the run's environments, read once (one snapshot, one sequential
+    read): ``(id, environment, scope, tenant_id, key, value, sensitive, encrypted, meta)``.
+    The environment-wide ones are the live state, the others its layers, and all of them
+    what the platform's cache is checked against."""
+
+    rows: list[tuple[Any, ...]]
+
+    def live(self) -> list[tuple[Any, ...]]:
+        """Environment-wide rows, as tuples in :class:`LiveRow` order."""
+        return [_LIVE(row) for row in self.rows if row[2] == LIVE_SCOPE and row[3] is None]
+
+    def layers(self) -> list[tuple[Any, ...]]:
+        """Rows at service, tenant and global scope (see :mod:`tasks.drift.overrides`)."""
+        return [row for row in self.rows if row[2] in LAYER_SCOPES]
+
+    def by_place(self) -> dict[Any, tuple[Any, ...]]:
+        """Every row by (environment, scope, key, tenant), as the cache check reads it."""
+        return dict(zip(map(_PLACE, self.rows), map(_CACHED, self.rows), strict=True))
+
+
+# Fields of an active row (see ActiveRows) as LiveRow, as a place, and as the cache check's row.
+_LIVE = itemgetter(0, 1, 4, 5, 6, 7, 8)
+_PLACE = itemgetter(1, 2, 4, 3)
+_CACHED = itemgetter(1, 2, 4, 3, 5, 7, 6, 8)
+
+
+def active_rows(rt: Runtime, environments: list[str]) -> ActiveRows:
     query = select(
         Configuration.id,
         Configuration.environment,
@@ -90,13 +100,9 @@ def layer_rows(rt: Runtime, environments: list[str]) -> list[tuple[Any, ...]]:
         Configuration.sensitive,
         Configuration.encrypted,
         Configuration.meta,
-    ).where(
-        Configuration.active.is_(True),
-        Configuration.scope.in_(("service", "tenant", "global")),
-        Configuration.environment.in_(environments),
-    )
+    ).where(Configuration.active.is_(True), Configuration.environment.in_(environments))
     with rt.engine.connect() as connection:
-        return [tuple(row) for row in connection.execute(query)]
+        return ActiveRows([tuple(row) for row in connection.execute(query)])
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,8 @@ def gather(
             problems.append(problem)
         else:
             desired[environment] = flat
-    live = read_live(live_rows(rt, environments))
+    rows = active_rows(rt, environments)
+    live = read_live(rows.live())
     for problem in live.problems:
         log.error(
             "drift_live_value_unusable",
@@ -251,7 +258,7 @@ def gather(
             reason=problem.reason,
         )
     problems.extend(live.problems)
-    layers, layer_problems = read_layers(layer_rows(rt, environments))
+    layers, layer_problems = read_layers(rows.layers())
     for problem in layer_problems:
         log.error(
             "drift_live_value_unusable",
@@ -261,7 +268,7 @@ def gather(
             reason=problem.reason,
         )
     problems.extend(layer_problems)
-    cache = platform_cache(rt, environments, problems)
+    cache = platform_cache(rt, environments, problems, rows.by_place)
     return DriftInput(
         desired=desired,
         live=live,
@@ -280,12 +287,15 @@ def cache_client(rt: Runtime) -> redis.Redis:
 
 
 def platform_cache(
-    rt: Runtime, environments: list[str], problems: list[SourceProblem]
+    rt: Runtime,
+    environments: list[str],
+    problems: list[SourceProblem],
+    known: Callable[[], dict[Any, tuple[Any, ...]]] | None = None,
 ) -> list[CacheEntry]:
     """The platform's cached configuration values with their rows; an unreachable cache
     is a problem of each environment's, said, never a silent pass."""
     try:
-        return read_entries(cache_client(rt), rt.engine, environments)
+        return read_entries(cache_client(rt), rt.engine, environments, known)
     except redis.RedisError as exc:
         reason = f"the platform's cache could not be read: {type(exc).__name__}"
         log.error("drift_cache_unreadable", error=str(exc))

@@ -14,7 +14,7 @@ the change event, the reference's own invalidation path (:func:`workers.configst
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -90,25 +90,30 @@ def parse_cache_key(cache_key: str) -> tuple[str, str, str, str | None] | None:
     return environment, scope, remainder, tenant
 
 
-def scan(client: redis.Redis, environments: Iterable[str]) -> Iterator[list[tuple[str, bytes]]]:
-    """Batches of (cache key, cached bytes) for the environments asked for."""
-    wanted = set(environments)
-    batch: list[str] = []
+Scanned = tuple[str, "_Where", bytes]  # cache key, its place (parsed once), cached bytes
 
-    def values(keys: list[str]) -> list[tuple[str, bytes]]:
-        got = client.mget(keys)
+
+def scan(client: redis.Redis, environments: Iterable[str]) -> Iterator[list[Scanned]]:
+    """Batches of (cache key, its place, cached bytes) for the environments asked for."""
+    wanted = set(environments)
+    batch: list[tuple[str, _Where]] = []
+    seen: set[str] = set()  # SCAN may return a key more than once
+
+    def values(keys: list[tuple[str, _Where]]) -> list[Scanned]:
+        got = client.mget([name for name, _ in keys])
         return [
-            (k, v if isinstance(v, bytes) else str(v).encode())
-            for k, v in zip(keys, got, strict=True)
+            (name, where, v if isinstance(v, bytes) else str(v).encode())
+            for (name, where), v in zip(keys, got, strict=True)
             if v is not None
         ]
 
     for raw in client.scan_iter(match=PATTERN, count=SCAN_BATCH):
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         parsed = parse_cache_key(name)
-        if parsed is None or parsed[0] not in wanted:
+        if parsed is None or parsed[0] not in wanted or name in seen:
             continue
-        batch.append(name)
+        seen.add(name)
+        batch.append((name, parsed))
         if len(batch) >= SCAN_BATCH:
             yield values(batch)
             batch = []
@@ -117,25 +122,33 @@ def scan(client: redis.Redis, environments: Iterable[str]) -> Iterator[list[tupl
 
 
 def read_entries(
-    client: redis.Redis, engine: Engine, environments: Iterable[str]
+    client: redis.Redis,
+    engine: Engine,
+    environments: Iterable[str],
+    known: Callable[[], dict[_Where, Any]] | None = None,
 ) -> list[CacheEntry]:
     """Every cached value of the environments with its row. Small caches are looked up a
     batch at a time by key; from WHOLE_READ entries on, the environments' active rows are
-    read once (one sequential read beats hundreds of thousands of index probes)."""
+    read once (one sequential read beats hundreds of thousands of index probes), or taken
+    from ``known`` (every active row of ``environments`` by place, in :func:`_rows`'s
+    order: the rows the drift run read already)."""
     batches = list(scan(client, environments))
     total = sum(map(len, batches))
     if total == 0:
         return []
     if total >= WHOLE_READ:
-        wanted = sorted({_where(k)[0] for batch in batches for k, _ in batch})
-        rows = _rows(engine, Configuration.environment.in_(wanted))
+        if known is not None:
+            rows = known()
+        else:
+            wanted = sorted({where[0] for batch in batches for _, where, _ in batch})
+            rows = _rows(engine, Configuration.environment.in_(wanted))
         return [entry for batch in batches for entry in _match(batch, rows)]
     entries: list[CacheEntry] = []
     for batch in batches:
         for start in range(0, len(batch), LOOKUP_BATCH):
             part = batch[start : start + LOOKUP_BATCH]
-            keys = sorted({_where(c)[2] for c, _ in part})
-            envs = sorted({_where(c)[0] for c, _ in part})
+            keys = sorted({where[2] for _, where, _ in part})
+            envs = sorted({where[0] for _, where, _ in part})
             found = _rows(engine, Configuration.key.in_(keys), Configuration.environment.in_(envs))
             entries.extend(_match(part, found))
     return entries
@@ -143,12 +156,6 @@ def read_entries(
 
 WHOLE_READ = 20_000
 _Where = tuple[str, str, str, str | None]
-
-
-def _where(cache_key: str) -> _Where:
-    parsed = parse_cache_key(cache_key)
-    assert parsed is not None  # scan() keeps only keys that parse
-    return parsed
 
 
 def _rows(engine: Engine, *conditions: Any) -> dict[_Where, Any]:
@@ -166,10 +173,9 @@ def _rows(engine: Engine, *conditions: Any) -> dict[_Where, Any]:
         return {(r[0], r[1], r[2], r[3]): r for r in connection.execute(query)}
 
 
-def _match(batch: list[tuple[str, bytes]], rows: dict[_Where, Any]) -> list[CacheEntry]:
-    parsed = {cache_key: (_where(cache_key), raw) for cache_key, raw in batch}
+def _match(batch: list[Scanned], rows: dict[_Where, Any]) -> list[CacheEntry]:
     out = []
-    for cache_key, (where, raw) in parsed.items():
+    for cache_key, where, raw in batch:
         try:
             cached: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:

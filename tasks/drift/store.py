@@ -51,21 +51,64 @@ def _values(finding: Finding) -> dict[str, Any]:
     }
 
 
+# The stored fields a run compares with its findings: :func:`_values`'s, in its order.
+_COMPARED = tuple(
+    getattr(DriftFindingRow, name)
+    for name in (
+        "severity",
+        "expected",
+        "reason",
+        "message",
+        "before",
+        "after",
+        "environment",
+        "desired_commit",
+    )
+)
+
+
+def _differs(row: Any, finding: Finding) -> bool:
+    """Whether an open finding, read as (fingerprint, expected, *:data:`_COMPARED`),
+    changes with this run's ``finding``: a field differs, or its ``expected`` rule expired."""
+    return bool(row[1] and not finding.expected) or tuple(row[2:]) != tuple(
+        _values(finding).values()
+    )
+
+
+def _open_rows(session: Session, fingerprints: list[str]) -> dict[str, DriftFindingRow]:
+    """The open findings of ``fingerprints``, as rows to change."""
+    rows: dict[str, DriftFindingRow] = {}
+    for chunk in _chunks(fingerprints):
+        query = select(DriftFindingRow).where(
+            DriftFindingRow.fingerprint.in_(chunk), DriftFindingRow.resolved_at.is_(None)
+        )
+        rows.update({row.fingerprint: row for row in session.scalars(query)})
+    return rows
+
+
 def reconcile(
     session: Session, findings: Iterable[Finding], scopes: set[str] | None, now: datetime
 ) -> Reconciled:
     """Store this run's ``findings``. ``scopes``: what the run covered (None: everything),
     so that a run for one environment never resolves another's findings."""
     found = {f.fingerprint: f for f in findings}
-    open_query = select(DriftFindingRow).where(DriftFindingRow.resolved_at.is_(None))
+    # The open findings as tuples of what a run compares (no JSON, no ORM objects): in a
+    # steady state nothing differs, and only findings that change or resolve are loaded.
+    open_query = select(DriftFindingRow.fingerprint, DriftFindingRow.expected, *_COMPARED)
+    open_query = open_query.where(DriftFindingRow.resolved_at.is_(None))
     if scopes is not None:
         open_query = open_query.where(DriftFindingRow.scope.in_(sorted(scopes)))
-    open_rows = {row.fingerprint: row for row in session.scalars(open_query)}
+    open_now = {row[0]: row for row in session.execute(open_query)}
     result = Reconciled()
 
-    seen_open = [fp for fp in found if fp in open_rows]
-    for fingerprint in seen_open:
-        row, finding = open_rows[fingerprint], found[fingerprint]
+    seen_open = [fp for fp in found if fp in open_now]
+    changing = [fp for fp in seen_open if _differs(open_now[fp], found[fp])]
+    gone = [fp for fp in open_now if fp not in found]
+    rows = _open_rows(session, changing + gone)
+    for fingerprint in changing:
+        row, finding = rows.get(fingerprint), found[fingerprint]
+        if row is None:
+            continue  # resolved by another run between the two reads
         if row.expected and not finding.expected:  # its rule expired: drift from now on
             row.opened_at = now
             row.times_opened += 1
@@ -82,13 +125,15 @@ def reconcile(
         )
     result.still_open = len(seen_open)
 
-    unseen = [fp for fp in found if fp not in open_rows]
+    unseen = [fp for fp in found if fp not in open_now]
     _open_or_reopen(session, [found[fp] for fp in unseen], now, result)
 
-    for fingerprint, row in open_rows.items():
-        if fingerprint not in found:
-            row.resolved_at = now
-            result.resolved.append(row)
+    for fingerprint in gone:
+        row = rows.get(fingerprint)
+        if row is None:
+            continue  # resolved by another run between the two reads
+        row.resolved_at = now
+        result.resolved.append(row)
     session.flush()
     return result
 
