@@ -116,13 +116,6 @@ def reconcile(
         changes = {k: v for k, v in _values(finding).items() if getattr(row, k) != v}
         for name, value in changes.items():
             setattr(row, name, value)
-    for chunk in _chunks(seen_open):
-        session.execute(
-            update(DriftFindingRow)
-            .where(DriftFindingRow.fingerprint.in_(chunk))
-            .values(last_seen=now)
-            .execution_options(synchronize_session=False)
-        )
     result.still_open = len(seen_open)
 
     unseen = [fp for fp in found if fp not in open_now]
@@ -135,6 +128,13 @@ def reconcile(
         row.resolved_at = now
         result.resolved.append(row)
     session.flush()
+    # Seen now: every finding of the run's scopes still open after the flush, which is
+    # those it saw again and those it opened (already stamped), in one statement.
+    stamp = update(DriftFindingRow).where(DriftFindingRow.resolved_at.is_(None))
+    if scopes is not None:
+        stamp = stamp.where(DriftFindingRow.scope.in_(sorted(scopes)))
+    if seen_open:
+        session.execute(stamp.values(last_seen=now).execution_options(synchronize_session=False))
     return result
 
 

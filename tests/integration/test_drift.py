@@ -225,15 +225,21 @@ def test_every_desired_live_kind_is_found_and_ranked(app: Celery) -> None:
 def test_a_run_for_one_environment_leaves_the_others_and_the_comparisons_alone(app: Celery) -> None:
     seed_as_declared(app)
     seed(app, "staging", {"services.chat_service.replicas": 1})
+    seed(app, "production", {"services.chat_service.replicas": 4})  # seen again below
     detect(app)
     before = stored(app)
     seed(app, "staging", {"services.chat_service.replicas": 3})
     summary = detect(app, environment="production")
     assert summary["environments"] == ["production"]
     after = stored(app)
-    assert after[("value_changed", "staging", "services.chat_service.replicas")].resolved_at is None
+    staging = ("value_changed", "staging", "services.chat_service.replicas")
+    assert after[staging].resolved_at is None
+    assert after[staging].last_seen == before[staging].last_seen  # not seen by this run
     cross = ("missing_in_environment", "production", "monitoring.retention_days")
     assert after[cross].resolved_at is None and before[cross].resolved_at is None
+    assert after[cross].last_seen == before[cross].last_seen
+    production = ("value_changed", "production", "services.chat_service.replicas")
+    assert after[production].last_seen > before[production].last_seen
 
 
 def test_a_second_concurrent_run_skips_and_says_so(app: Celery) -> None:
