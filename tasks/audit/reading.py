@@ -43,34 +43,36 @@ def _rendered_page(
     document)``, texts as UTF-8 bytes: the document is every other column, ``event_id`` and
     ``source``, as one JSON object that PostgreSQL renders (on its own core, while this
     process ships the page before)."""
-    fields: list[sql.Composable] = []
-    for column in table.c:
-        if column.name not in ("metadata", "id"):
-            fields += [sql.Literal(column.name), sql.Identifier(column.name)]
-    fields += [
-        sql.Literal("event_id"),
-        sql.SQL("{} || id").format(sql.Literal(f"{table.name}:")),
-        sql.Literal("source"),
-        sql.Literal(table.name),
+    # The document is row_to_json of a row built per page row (LATERAL): ``id``, the other
+    # columns but ``metadata`` in table order, ``event_id`` and ``source``, compact; it
+    # renders in about two thirds of the time json_build_object takes with as many pairs.
+    fields: list[sql.Composable] = [
+        sql.SQL("page.{0} AS {0}").format(sql.Identifier(column.name))
+        for column in table.c
+        if column.name != "metadata"
     ]
-    document = sql.SQL("convert_to(json_build_object('id', id, {})::text, 'UTF8')").format(
-        sql.SQL(", ").join(fields)
-    )
-    sensitive = sql.SQL("sensitive" if "sensitive" in table.c else "false")
+    fields += [
+        sql.SQL("{} || page.id AS event_id").format(sql.Literal(f"{table.name}:")),
+        sql.SQL("{} AS source").format(sql.Literal(table.name)),
+    ]
+    sensitive = sql.SQL("page.sensitive" if "sensitive" in table.c else "false")
     # Texts as bytea, results in binary: the bytes as PostgreSQL wrote them, never decoded.
     # The page is chosen first, then rendered: however the planner reads the table (an
     # index scan, or a scan and a sort when its statistics are off), only the page's rows
     # are rendered.
     query = sql.SQL(
-        "SELECT id, convert_to(metadata::text, 'UTF8'), {}, {} FROM "
-        "(SELECT * FROM {} WHERE id > %s ORDER BY id LIMIT %s) AS page ORDER BY id"
+        "SELECT page.id, convert_to(page.metadata::text, 'UTF8'), {}, "
+        "convert_to(row_to_json(document)::text, 'UTF8') FROM "
+        "(SELECT * FROM {} WHERE id > %s ORDER BY id LIMIT %s) AS page, "
+        "LATERAL (SELECT {}) AS document ORDER BY page.id"
     )
     try:
         with connection.cursor(binary=True) as cursor:
             # Timestamps in UTC, as PostgreSQL's JSON writes them (see events.iso_utc).
             cursor.execute("SET LOCAL TIME ZONE 'UTC'")
             cursor.execute(
-                query.format(sensitive, document, sql.Identifier(table.name)), (after, limit)
+                query.format(sensitive, sql.Identifier(table.name), sql.SQL(", ").join(fields)),
+                (after, limit),
             )
             rows: Sequence[Sequence[Any]] = cursor.fetchall()
     finally:
