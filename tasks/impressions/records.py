@@ -247,7 +247,7 @@ class Tally:
         """Every check of :func:`_by_record`, made on the whole batch: each timestamp parses
         (``map``), none carries an offset (``max`` of naive and aware ones raises, and an
         aware maximum means all are), none is in the future, and each distinct minute text
-        and name is checked once. False: the batch needs a closer look. Keys and user pairs
+        and name is checked once. False: the batch needs a closer look. Count and user keys
         are built a column at a time (``map`` and ``zip`` of getters: no Python per record)."""
         stamps = list(map(_timestamp, records))
         try:
@@ -260,11 +260,11 @@ class Tally:
         minutes = list(map(getitem, stamps, repeat(_MINUTE)))
         if not all(len(minute) == 16 and minute[13] == ":" for minute in set(minutes)):
             return False
-        for field_name in ("flag_key", "environment", "variant"):
-            if any(name.isspace() for name in set(map(attrgetter(field_name), records))):
-                return False
         flag_col, env_col = list(map(_flag, records)), list(map(_environment, records))
         variant_col = list(map(_variant, records))
+        for column in (flag_col, env_col, variant_col):
+            if any(name.isspace() for name in set(column)):
+                return False
         if moments == sorted(moments):  # FIFO: each flag's last record is its latest
             last = dict(zip(zip(flag_col, env_col, strict=True), moments, strict=True))
         else:

@@ -323,27 +323,19 @@ def test_rollout_alerts_fire_through_alertmanager_from_a_workers_first_rollback(
     (stuck). The rollback is the worker's first: its counter series is scraped at 0 before
     it, so increase() sees it (a series first scraped at 1 never alerted)."""
     from tasks.rollouts import start_rollout
-    from tasks.rollouts.demo import demo_flag, latency_rollout
-    from workers.db.models import FeatureFlag, FeatureFlagAuditLog, FlagRollout
+    from tasks.rollouts.demo import latency_rollout
+    from tests.flags import add_flags, human_update
+    from workers.db.models import FlagRollout
 
     env, rt = fleet
     now = datetime.now(UTC)
-    with rt.sessions.begin() as session:
-        for key in ("new_back", "new_conflict", "new_stuck"):
-            session.add(demo_flag(key, "production", now - timedelta(days=1)))
+    add_flags(rt, "new_back", "new_conflict", "new_stuck")
     for name, key in (("conflicted", "new_conflict"), ("stuck", "new_stuck")):
         with rt.sessions.begin() as session:
             spec = latency_rollout(name, key, "production", min_step="10h", min_impressions=0)
             start_rollout(session, spec, now, "test")
+    human_update(rt, "new_conflict", 50.0)
     with rt.sessions.begin() as session:
-        flag = session.get(FeatureFlag, ("new_conflict", "production"))
-        assert flag is not None
-        flag.rollout_percentage, flag.updated_at, flag.updated_by = 50.0, now, "alice"
-        session.add(
-            FeatureFlagAuditLog(
-                flag_key="new_conflict", action="UPDATE", user_id="alice", timestamp=now
-            )
-        )
         stuck = session.scalars(select(FlagRollout).where(FlagRollout.name == "stuck")).one()
         stuck.step_started_at = now - timedelta(hours=7)
 

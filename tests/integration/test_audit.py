@@ -567,23 +567,45 @@ def test_sqlite_gaps_are_final_when_seen(
         runtime.close()
 
 
+def both_paths(rt: Runtime, source: str, protector: Any) -> tuple[list[bytes], int, list[Any]]:
+    """A source's rows chained the PostgreSQL way (rendered by the server) and rendered row
+    by row the Python way: (the lines, how many were malformed, the Python renderings)."""
+    from sqlalchemy import select
+
+    from tasks.audit.events import GENESIS, Chain, chain_page, render_values
+    from tasks.audit.reading import TABLES, _rendered_page
+
+    table = TABLES[source]
+    with rt.engine.connect() as connection:
+        plain = connection.execute(select(table).order_by(table.c.id)).all()
+    raw = rt.engine.raw_connection()
+    try:
+        rendered = _rendered_page(raw.driver_connection, table, 0, 100)
+    finally:
+        raw.close()
+    assert len(rendered) == len(plain) > 0
+    lines, malformed = chain_page(Chain(0, GENESIS), source, rendered, protector)
+    columns = list(table.c.keys())
+    return lines, malformed, [render_values(source, columns, tuple(r), protector) for r in plain]
+
+
+def event_of(line: bytes) -> dict[str, Any]:
+    """A record's event: the record without its place in the chain."""
+    return {k: v for k, v in orjson.loads(line).items() if k not in ("seq", "prev_hash", "hash")}
+
+
 def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime) -> None:
     """The PostgreSQL hot path (the document rendered by the server, written and hashed as
     it is) and the row-by-row path make the same events: timestamps with and without a
     fraction, NULLs, unicode, quotes, sensitive rows, keys to protect in plain rows (also
     spelled with an escape, or nested), metadata over several lines, malformed and JSONB
     metadata, every source. Each line's hash is that of its bytes, and the page verifies."""
-    from sqlalchemy import select
 
     from tasks.audit.events import (
-        GENESIS,
-        Chain,
         Protector,
-        chain_page,
         line_hash,
-        render_values,
     )
-    from tasks.audit.reading import TABLES, _rendered_page
+    from tasks.audit.reading import TABLES
 
     whole = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
     rows = [
@@ -630,27 +652,13 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
         record(session, "canary_verdict", "deploy-1", whole, verdict="pass", score=0.25)
     protector = Protector(b"k" * 32)
     compared, written = 0, []
-    for source, table in TABLES.items():
-        with rt.engine.connect() as connection:
-            plain = connection.execute(select(table).order_by(table.c.id)).all()
-        raw = rt.engine.raw_connection()
-        try:
-            rendered = _rendered_page(raw.driver_connection, table, 0, 100)
-        finally:
-            raw.close()
-        assert len(rendered) == len(plain) > 0
-        columns = list(table.c.keys())
-        chain = Chain(0, GENESIS)
-        lines, malformed = chain_page(chain, source, rendered, protector)
+    for source in TABLES:
+        lines, malformed, expected = both_paths(rt, source, protector)
         written += lines
-        expected = [render_values(source, columns, tuple(row), protector) for row in plain]
         assert malformed == sum(e.malformed for e in expected)
         for line, want in zip(lines, expected, strict=True):
-            got = orjson.loads(line)
-            assert line_hash(line) == got["hash"]
-            assert {k: v for k, v in got.items() if k not in ("seq", "prev_hash", "hash")} == (
-                want.event
-            )
+            assert line_hash(line) == orjson.loads(line)["hash"]
+            assert event_of(line) == want.event
             compared += 1
     assert compared == 10
     assert b"hunter" not in b"".join(written)
@@ -662,10 +670,8 @@ def test_a_page_with_no_key_word_ships_flat_metadata_as_stored_and_the_rest_as_b
     """A page whose metadata holds no sensitive key word, escape or line break takes the
     page-wide fast path (only each text's shape is checked, by msgspec): the events are
     still those of the row-by-row path, for flat, nested, malformed and odd JSON alike."""
-    from sqlalchemy import select
 
-    from tasks.audit.events import GENESIS, Chain, Protector, chain_page, render_values
-    from tasks.audit.reading import TABLES, _rendered_page
+    from tasks.audit.events import Protector
 
     texts = [
         '{"who": "admin", "n": 1}',
@@ -699,26 +705,11 @@ def test_a_page_with_no_key_word_ships_flat_metadata_as_stored_and_the_rest_as_b
             )
     protector = Protector(b"k" * 32)
     assert protector.plain_page(t.encode() for t in texts)
-    table = TABLES["configuration_audit_log"]
-    with rt.engine.connect() as connection:
-        plain = connection.execute(select(table).order_by(table.c.id)).all()
-    raw = rt.engine.raw_connection()
-    try:
-        rendered = _rendered_page(raw.driver_connection, table, 0, 100)
-    finally:
-        raw.close()
-    lines, malformed = chain_page(Chain(0, GENESIS), "configuration_audit_log", rendered, protector)
-    columns = list(table.c.keys())
-    expected = [
-        render_values("configuration_audit_log", columns, tuple(row), protector) for row in plain
-    ]
+    lines, malformed, expected = both_paths(rt, "configuration_audit_log", protector)
     assert malformed == sum(e.malformed for e in expected) == 3  # {oops, 1e400, ""
     assert len(lines) == len(texts)
     for line, want in zip(lines, expected, strict=True):
-        got = orjson.loads(line)
-        assert {k: v for k, v in got.items() if k not in ("seq", "prev_hash", "hash")} == (
-            want.event
-        )
+        assert event_of(line) == want.event
     assert b'"metadata":  {"spaced" :  "out"' in lines[1]  # flat: shipped as stored
 
 

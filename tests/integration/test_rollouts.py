@@ -22,7 +22,8 @@ from tasks.canary.demo import ExpositionServer
 from tasks.canary.prometheus import PrometheusSource
 from tasks.impressions import drain
 from tasks.rollouts import RolloutRefused, advance, set_state, start_rollout
-from tasks.rollouts.demo import FlagService, demo_flag, latency_rollout, variants_exposition
+from tasks.rollouts.demo import FlagService, latency_rollout, variants_exposition
+from tests.flags import ENV, add_flags, human_update
 from tests.helpers import free_port, run_fleet, wait_for
 from tests.prometheus_server import prometheus, samples_in
 from workers.db.models import (
@@ -35,8 +36,6 @@ from workers.db.models import (
 from workers.flagstore import CHANNEL
 from workers.runtime import Runtime, install
 from workers.settings import FleetSettings
-
-ENV = "production"
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +87,6 @@ def channel(redis_url: str) -> Iterator[Channel]:
     listening = Channel(redis_url)
     yield listening
     listening.close()
-
-
-def add_flags(rt: Runtime, *keys: str) -> None:
-    with rt.sessions.begin() as session:
-        for key in keys:
-            session.add(demo_flag(key, ENV, datetime.now(UTC) - timedelta(days=1)))
-
-
-def human_update(rt: Runtime, key: str, percentage: float, who: str = "alice") -> None:
-    """The platform's update_feature_flag, by a person."""
-    now = datetime.now(UTC)
-    with rt.sessions.begin() as session:
-        flag = session.get(FeatureFlag, (key, ENV))
-        assert flag is not None
-        flag.rollout_percentage, flag.updated_at, flag.updated_by = percentage, now, who
-        session.add(FeatureFlagAuditLog(flag_key=key, action="UPDATE", user_id=who, timestamp=now))
 
 
 def flag_percentage(rt: Runtime, key: str) -> float:
