@@ -280,7 +280,8 @@ def chain_page(
     metadata is not JSON is rendered by :func:`render_document` and chained canonical.
     """
     out: list[bytes] = []
-    append, sha256, as_is = out.append, hashlib.sha256, protector.as_is
+    append, sha256 = out.append, hashlib.sha256
+    as_is, protected = protector.as_is, protector.protected
     seq, head, malformed = chain.seq, chain.head.encode(), 0
     plain = protector.plain_page(
         m for _, m, sensitive, _ in rows if m is not None and not sensitive
@@ -289,13 +290,13 @@ def chain_page(
         if metadata is None:
             encoded: bytes | None = b"null"
         elif sensitive:
-            encoded = None
+            encoded = protected(metadata, True)
         elif plain and flat_object(metadata):
             encoded = metadata
         else:
             encoded = as_is(metadata)
             if encoded is None:
-                encoded = protector.protected(metadata, sensitive)
+                encoded = protected(metadata, False)
         if encoded is None:  # not JSON: shipped as ``raw`` with an ``error``
             chain.seq, chain.head = seq, head.decode()
             rendered = render_document(source, document, metadata, protector)
