@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 from psycopg import sql
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
@@ -36,13 +37,11 @@ def _contiguous(rows: Sequence[Sequence[Any]], last_id: int, gaps_upto: int | No
     return len(rows)
 
 
-def _rendered_page(
-    connection: Any, table: Table, after: int, limit: int
-) -> Sequence[Sequence[Any]]:
-    """PostgreSQL: the next rows after id ``after`` as ``(id, metadata, sensitive,
-    document)``, texts as UTF-8 bytes: the document is every other column, ``event_id`` and
-    ``source``, as one JSON object that PostgreSQL renders (on its own core, while this
-    process ships the page before)."""
+def _page_query(table: Table) -> sql.Composed:
+    """PostgreSQL: the next rows after id ``%s`` (at most ``%s``) as ``(id, metadata,
+    sensitive, document)``, texts as UTF-8 bytes: the document is every other column,
+    ``event_id`` and ``source``, as one JSON object that PostgreSQL renders (on its own core,
+    while this process ships the page before)."""
     # The document is row_to_json of a row built per page row (LATERAL): ``id``, the other
     # columns but ``metadata`` in table order, ``event_id`` and ``source``, compact; it
     # renders in about two thirds of the time json_build_object takes with as many pairs.
@@ -60,24 +59,12 @@ def _rendered_page(
     # The page is chosen first, then rendered: however the planner reads the table (an
     # index scan, or a scan and a sort when its statistics are off), only the page's rows
     # are rendered.
-    query = sql.SQL(
+    return sql.SQL(
         "SELECT page.id, convert_to(page.metadata::text, 'UTF8'), {}, "
         "convert_to(row_to_json(document)::text, 'UTF8') FROM "
         "(SELECT * FROM {} WHERE id > %s ORDER BY id LIMIT %s) AS page, "
         "LATERAL (SELECT {}) AS document ORDER BY page.id"
-    )
-    try:
-        with connection.cursor(binary=True) as cursor:
-            # Timestamps in UTC, as PostgreSQL's JSON writes them (see events.iso_utc).
-            cursor.execute("SET LOCAL TIME ZONE 'UTC'")
-            cursor.execute(
-                query.format(sensitive, sql.Identifier(table.name), sql.SQL(", ").join(fields)),
-                (after, limit),
-            )
-            rows: Sequence[Sequence[Any]] = cursor.fetchall()
-    finally:
-        connection.rollback()  # no transaction left open between pages
-    return rows
+    ).format(sensitive, sql.Identifier(table.name), sql.SQL(", ").join(fields))
 
 
 class _Pages:
@@ -85,15 +72,27 @@ class _Pages:
     shipped, the next (after its last id) is read in a thread. A page asked for after any
     other id (a gap stopped the batch short) is read then, and the one read ahead dropped.
     Reading ahead is safe: audit rows are only ever appended, and the shipper holds the
-    sink's lock, so nothing but this run moves its cursors."""
+    sink's lock, so nothing but this run moves its cursors.
+
+    The connection reads in autocommit (no transaction is left open between pages, and a
+    page costs one round trip) with its time zone UTC, as PostgreSQL's JSON writes the
+    timestamps the Python path renders (see events.iso_utc); both are undone on close."""
 
     def __init__(self, rt: Runtime, table: Table, batch_size: int) -> None:
         self.table = table
         self.batch_size = batch_size
         self.pooled = rt.engine.raw_connection()
-        self.connection = self.pooled.driver_connection
+        self.connection = cast("psycopg.Connection[Any]", self.pooled.driver_connection)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="audit-read-ahead")
         self.ahead: tuple[int, Future[Sequence[Sequence[Any]]]] | None = None
+        try:
+            self.connection.rollback()
+            self.connection.autocommit = True
+            self.connection.execute("SET TIME ZONE 'UTC'")
+            self.query = _page_query(table).as_bytes(self.connection)
+        except BaseException:
+            self._release(reusable=False)
+            raise
 
     def read(self, after: int) -> Sequence[Sequence[Any]]:
         ahead, self.ahead = self.ahead, None
@@ -102,19 +101,33 @@ class _Pages:
         else:
             if ahead is not None:
                 ahead[1].exception()  # wait for it: the connection is shared
-            rows = _rendered_page(self.connection, self.table, after, self.batch_size)
+            rows = self._page(after)
         if len(rows) == self.batch_size:
             last = int(rows[-1][0])
-            self.ahead = (
-                last,
-                self.reader.submit(
-                    _rendered_page, self.connection, self.table, last, self.batch_size
-                ),
-            )
+            self.ahead = (last, self.reader.submit(self._page, last))
+        return rows
+
+    def _page(self, after: int) -> Sequence[Sequence[Any]]:
+        with self.connection.cursor(binary=True) as cursor:
+            cursor.execute(self.query, (after, self.batch_size))
+            rows: Sequence[Sequence[Any]] = cursor.fetchall()
         return rows
 
     def close(self) -> None:
         if self.ahead is not None:
             self.ahead[1].exception()
+        self._release(reusable=True)
+
+    def _release(self, *, reusable: bool) -> None:
+        """Back to the pool as it came, or dropped when that cannot be done."""
         self.reader.shutdown(wait=True)
-        self.pooled.close()
+        try:
+            if reusable:
+                self.connection.execute("RESET TIME ZONE")
+                self.connection.autocommit = False
+            else:
+                self.pooled.invalidate()
+        except Exception:  # a broken connection: the pool drops it instead of reusing it
+            self.pooled.invalidate()
+        finally:
+            self.pooled.close()

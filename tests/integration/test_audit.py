@@ -573,16 +573,16 @@ def both_paths(rt: Runtime, source: str, protector: Any) -> tuple[list[bytes], i
     from sqlalchemy import select
 
     from tasks.audit.events import GENESIS, Chain, chain_page, render_values
-    from tasks.audit.reading import TABLES, _rendered_page
+    from tasks.audit.reading import TABLES, _Pages
 
     table = TABLES[source]
     with rt.engine.connect() as connection:
         plain = connection.execute(select(table).order_by(table.c.id)).all()
-    raw = rt.engine.raw_connection()
+    pages = _Pages(rt, table, 100)
     try:
-        rendered = _rendered_page(raw.driver_connection, table, 0, 100)
+        rendered = pages.read(0)
     finally:
-        raw.close()
+        pages.close()
     assert len(rendered) == len(plain) > 0
     lines, malformed = chain_page(Chain(0, GENESIS), source, rendered, protector)
     columns = list(table.c.keys())
@@ -599,7 +599,9 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     it is) and the row-by-row path make the same events: timestamps with and without a
     fraction, NULLs, unicode, quotes, sensitive rows, keys to protect in plain rows (also
     spelled with an escape, or nested), metadata over several lines, malformed and JSONB
-    metadata, every source. Each line's hash is that of its bytes, and the page verifies."""
+    metadata, every source. Each line's hash is that of its bytes, and the page verifies.
+    The database's time zone is not UTC: pages are read in UTC all the same, and their
+    connection goes back to the pool in the database's zone, out of autocommit."""
 
     from tasks.audit.events import (
         Protector,
@@ -607,6 +609,11 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     )
     from tasks.audit.reading import TABLES
 
+    with rt.engine.connect() as connection:
+        name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
+        connection.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET timezone = 'America/St_Johns'")
+        connection.commit()
+    rt.engine.dispose()  # new connections take the zone
     whole = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
     rows = [
         {"timestamp": whole, "tenant_id": None, "metadata": None, "sensitive": False},
@@ -662,6 +669,11 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
             compared += 1
     assert compared == 10
     assert b"hunter" not in b"".join(written)
+    assert b"+00:00" in b"".join(written) and b"-03:30" not in b"".join(written)
+    with rt.engine.connect() as connection:  # the pages' connection, back from the pool
+        zone = connection.exec_driver_sql("SHOW timezone").scalar_one()
+        assert zone == "America/St_Johns"
+        assert connection.connection.driver_connection.autocommit is False
 
 
 def test_a_page_with_no_key_word_ships_flat_metadata_as_stored_and_the_rest_as_before(
