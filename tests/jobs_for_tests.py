@@ -43,3 +43,13 @@ def bug(*, key: str) -> None:
 def secretive(*, value: str) -> None:
     """Fails with the secret value in its error message."""
     raise TransientError(f"could not use {value}")
+
+
+@job("test.chained", queue="default", soft_time_limit=5, time_limit=10)
+def chained() -> dict[str, Any]:
+    """Sends another job from inside a worker, as ``secrets.check_rotation`` sends
+    ``secrets.rotate``: a chained send."""
+    from celery import current_app
+
+    sent = current_app.send_task("fleet.heartbeat", kwargs={}, queue="default")
+    return {"sent": sent.id}

@@ -1,7 +1,8 @@
 """Message signing: with FLEET_SIGNING_* set, only messages signed by a certificate of the
 store run. A plain Celery client that knows nothing of the fleet, and one signing with a
 key the store does not hold, are refused (counted, logged, never run); ``fleet enqueue``
-with the fleet's key runs."""
+with the fleet's key runs, and so do the messages a worker sends itself (a job sending
+another, a retry)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,44 @@ def test_only_messages_signed_by_a_trusted_certificate_run(
         assert connection.scalar(select(func.count()).select_from(TaskRun)) == 1
     engine.dispose()
     plain.close()
+
+
+def test_a_workers_own_sends_are_signed_and_run(
+    signed_env: dict[str, str], spawn: Spawn, postgres_url: str
+) -> None:
+    """A job that sends another (as secrets.check_rotation sends secrets.rotate) and a job
+    retried (Celery sends the retry) go out signed from the worker: both run, none is
+    refused."""
+    signed_env["FLEET_EXTRA_JOB_MODULES"] = '["tests.jobs_for_tests"]'
+    port = free_port()
+    worker = spawn("worker", "-c", "1", "--metrics-port", str(port), env=signed_env)
+    wait_for(lambda: "ready" in worker.output(), timeout=60, what="the worker")
+    for name, *kwargs in (
+        ("test.chained",),
+        ("test.flaky", "--arg", "key=k", "--arg", "fail_times=1"),
+    ):
+        done = run_fleet("enqueue", name, *kwargs, "--wait", "--timeout", "60", env=signed_env)
+        assert done.returncode == 0, done.stderr
+    engine = make_engine(postgres_url)
+
+    def runs() -> list[tuple[str, str]] | None:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(TaskRun.job, TaskRun.outcome).where(TaskRun.outcome == "success")
+            ).all()
+        found = sorted((job, outcome) for job, outcome in rows)
+        return found if len(found) == 3 else None
+
+    try:
+        assert wait_for(runs, timeout=60, what="the chained heartbeat") == [
+            ("fleet.heartbeat", "success"),
+            ("test.chained", "success"),
+            ("test.flaky", "success"),
+        ]
+    finally:
+        engine.dispose()
+    assert refused(port, "unsigned") == refused(port, "bad_signature") == 0
+    assert '"message_refused"' not in worker.output()
 
 
 def test_signing_needs_all_three_settings(fleet_env: dict[str, str], tmp_path: Path) -> None:
