@@ -241,7 +241,7 @@ def drain(
             pending.result()
         if group:
             commit(rt, queue, sketches, group, summary, prepare(rt, tally))
-    summary.users_sketches_saved = persist_users(rt.redis, rt.engine, datetime.now(UTC))
+    summary.users_sketches_saved = persist_users(rt.redis, rt.engine)
     summary.seconds = time.monotonic() - started
     result = summary.as_dict(queue)
     log.info(

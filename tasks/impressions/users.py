@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -118,18 +118,38 @@ def _restore(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
         pipe.execute()
 
 
-def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int = 5000) -> int:
+def persist_users(client: redis.Redis, engine: Engine, limit: int = 5000) -> int:
     """Write changed sketches and their counts to the database; returns how many."""
     taking = TAKING + uuid.uuid4().hex
     taken = client.eval(_TAKE_DIRTY, 2, DIRTY, taking, limit, 3600)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in taken or []]
     if not names:
         return 0
-    pipe = client.pipeline(transaction=False)
+    try:
+        # Safe to repeat: each row is overwritten with the sketch as it stands.
+        rows = read_sketches(client, names)
+        _upsert(engine, rows)
+    except Exception:
+        client.sadd(DIRTY, *names)  # try again next run
+        raise
+    finally:
+        client.delete(taking)  # safe to repeat
+    return len(rows)
+
+
+def read_sketches(client: redis.Redis, names: list[str]) -> list[dict[str, Any]]:
+    """The sketches ``names`` as they stand, as rows to write, stamped ``updated_at`` with
+    the moment Redis read them: all at once (MULTI), on Redis's clock, the one clock every
+    worker shares. A sketch only ever grows, so of two reads of one sketch the later holds
+    every user the earlier does: :func:`_upsert` never lets an earlier read overwrite a
+    later one (two workers persisting the same day's sketch can commit in either order)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.time()
     for name in names:
         pipe.get(name)
         pipe.pfcount(name)
-    answers = pipe.execute()
+    (seconds, micros), *answers = pipe.execute()
+    read_at = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=micros)
     rows: list[dict[str, Any]] = []
     for index, name in enumerate(names):
         sketch, count = answers[2 * index], answers[2 * index + 1]
@@ -144,18 +164,10 @@ def persist_users(client: redis.Redis, engine: Engine, now: datetime, limit: int
                 "day": day,
                 "users": int(count),
                 "sketch": sketch,
-                "updated_at": now,
+                "updated_at": read_at,
             }
         )
-    try:
-        # Safe to repeat: each row is overwritten with the sketch as it stands.
-        _upsert(engine, rows)
-    except Exception:
-        client.sadd(DIRTY, *names)  # try again next run
-        raise
-    finally:
-        client.delete(taking)  # safe to repeat
-    return len(rows)
+    return rows
 
 
 def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> None:
@@ -170,6 +182,8 @@ def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> None:
             "sketch": statement.excluded.sketch,
             "updated_at": statement.excluded.updated_at,
         },
+        # A read older than the stored one holds no user that one lacks: keep the newer.
+        where=FlagImpressionUsers.updated_at <= statement.excluded.updated_at,
     )
     rows.sort(key=lambda r: (r["flag_key"], r["environment"], r["variant"], r["day"]))
     with engine.begin() as connection:

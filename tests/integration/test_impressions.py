@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -476,7 +476,7 @@ def test_recovery_pushes_the_same_dead_letters_byte_for_byte_and_adds_the_users(
     letters = _dead_letters(rt)
     assert {letter["batch_id"] for letter in letters} == {batch.id}
     assert [{k: v for k, v in x.items() if k != "batch_id"} for x in letters] == expected
-    persist_users(rt.redis, rt.engine, now)
+    persist_users(rt.redis, rt.engine)
     with rt.engine.connect() as connection:
         (users,) = connection.execute(select(FlagImpressionUsers.users)).one()
     assert 200 * 0.97 <= users <= 200 * 1.03  # HyperLogLog: within 3%
@@ -733,6 +733,36 @@ def test_distinct_users_survive_redis_losing_its_sketches(rt: Runtime) -> None:
                 text("SELECT pg_column_compression(sketch) FROM flag_impression_users")
             ).scalar_one()
         assert method == "lz4" or not lz4
+
+
+def test_a_sketch_read_earlier_never_overwrites_one_read_later(rt: Runtime) -> None:
+    """Two workers persist the same day's sketch: the one that read it first commits last
+    (paused between reading and writing). The database keeps the later read, which holds
+    every user; with the later one lost, Redis (nothing on disk) would restore fewer."""
+    from tasks.impressions.users import (
+        DIRTY,
+        UserSketches,
+        _upsert,
+        persist_users,
+        read_sketches,
+        users_key,
+    )
+
+    key = ("f", "production", "on", date(2026, 12, 2))
+    name = users_key(key)
+    sketches = UserSketches(rt.redis, rt.engine)
+    sketches.add({key: {f"u{i}" for i in range(100)}})
+    first_read = read_sketches(rt.redis, [name])  # the first worker, then paused
+    sketches.add({key: {f"u{i}" for i in range(100, 400)}})  # more users, dirty again
+    assert persist_users(rt.redis, rt.engine) == 1  # the second worker
+    _upsert(rt.engine, first_read)  # the first one wakes up and writes what it read
+    with rt.engine.connect() as connection:
+        users, sketch = connection.execute(
+            select(FlagImpressionUsers.users, FlagImpressionUsers.sketch)
+        ).one()
+    assert users == rt.redis.pfcount(name) and 400 * 0.97 <= users <= 400 * 1.03
+    assert sketch[16:] == rt.redis.get(name)[16:]  # the registers (a count is cached before)
+    assert rt.redis.scard(DIRTY) == 0
 
 
 def test_backlog_ages_the_oldest_readable_impression_and_counts_batches_in_flight(

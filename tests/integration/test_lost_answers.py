@@ -150,9 +150,9 @@ def test_a_users_take_whose_answer_is_lost_persists_every_dirty_sketch(
     engine = make_engine(postgres_url)
     try:
         proxy.arm(b"EVAL")
-        assert persist_users(client, engine, T0, limit=25) == 25
+        assert persist_users(client, engine, limit=25) == 25
         assert proxy.cuts == 1
-        assert persist_users(client, engine, T0, limit=25) == 15
+        assert persist_users(client, engine, limit=25) == 15
         with engine.connect() as connection:
             saved = connection.scalar(select(func.count()).select_from(FlagImpressionUsers))
             users = connection.scalar(select(func.sum(FlagImpressionUsers.users)))
