@@ -10,9 +10,12 @@ doubles nothing: see :mod:`tasks.impressions.queue` and :mod:`tasks.impressions.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -205,6 +208,33 @@ def drain(
     list has more or the committer is busy; groups go through :func:`commit` in order, one
     at a time, so at most two groups are in flight.
     """
+    with few_collections():
+        return _drain(rt, batch_size, budget_seconds, max_batches)
+
+
+# Objects a drain allocates per young collection of the cyclic garbage collector: Python's
+# default (700) starts one every few records; the drain's objects are freed by their
+# reference counts (they make no cycles), so those collections find next to nothing. On
+# 500,000 impressions drained in one process: 0.20-0.31 s in about 340 collections, of
+# 3.5 s of CPU time, against 0.08-0.10 s in one collection with this setting.
+YOUNG_COLLECTION_EVERY = 100_000
+
+
+@contextmanager
+def few_collections() -> Iterator[None]:
+    """The collector's young generation collected every :data:`YOUNG_COLLECTION_EVERY`
+    allocations while the drain runs; the process's thresholds as they were afterwards."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], YOUNG_COLLECTION_EVERY), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def _drain(
+    rt: Runtime, batch_size: int, budget_seconds: float, max_batches: int | None
+) -> dict[str, Any]:
     queue = ImpressionQueue(rt.redis)
     sketches = UserSketches(rt.redis, rt.engine)
     summary = DrainSummary()

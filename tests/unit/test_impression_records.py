@@ -243,3 +243,25 @@ def test_a_tally_of_batches_counts_as_their_aggregates_added_up() -> None:
         {"not_json": 1, "future_timestamp": 1},
         {},
     ]
+
+
+def test_a_drain_collects_the_young_generation_less_often_and_restores_the_process_setting() -> (
+    None
+):
+    import gc
+
+    from tasks.impressions import YOUNG_COLLECTION_EVERY, few_collections
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with pytest.raises(RuntimeError), few_collections():
+            assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, 10, 10)
+            raise RuntimeError("the drain failed")
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(500_000, 5, 5)  # a process that asked for fewer keeps its own
+        with few_collections():
+            assert gc.get_threshold() == (500_000, 5, 5)
+        assert gc.get_threshold() == (500_000, 5, 5)
+    finally:
+        gc.set_threshold(*before)
