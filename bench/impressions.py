@@ -5,7 +5,9 @@
 running the job's own drain (exactly-once bookkeeping included), each right after the
 same impressions drained by as many processes of the *bare pipeline* (LPOP 5,000, orjson,
 a dict count, COPY and INSERT ... ON CONFLICT every 50,000: no ledger, no users, no dead
-letters, no crash safety), the reference the job's figures are given as a ratio of.
+letters, no crash safety), the reference the job's figures are given as a ratio of: each
+round's, and that of the best of FLEET_BENCH_IMPRESSIONS_ROUNDS (default 2) alternated
+rounds of each.
 Printed: impressions per second and ratios, each drainer's peak memory (with a smaller
 backlog too, to show it does not grow with the backlog), and the platform's per-impression
 UPDATE on 50,000 impressions, as a ratio.
@@ -43,6 +45,9 @@ ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 TOTAL = 1_000_000
+# Rounds of (bare pipeline, job), alternated; the ratio is of the best of each. On a shared
+# machine one run of either can be slowed by a neighbour: the best is the least disturbed.
+ROUNDS = int(os.environ.get("FLEET_BENCH_IMPRESSIONS_ROUNDS", "2"))
 FLAGS = [(f"flag_{i:02d}", ("control", "treatment", "holdout")[: 2 + i % 2]) for i in range(50)]
 ENVIRONMENTS = ("development", "staging", "production")
 
@@ -296,27 +301,36 @@ def main() -> None:
         rates: dict[int, float] = {}
         peak: dict[int, float] = {}
         for workers in (1, 2):
-            client.flushdb()
-            _reset(url)
-            push(client, payloads)
-            bare_seconds, bare_counted, _ = run_drainers(workers, env, "bare")
-            assert bare_counted == TOTAL, f"bare counted {bare_counted:,} of {TOTAL:,}"
-            client.flushdb()
-            _reset(url)
-            pushed = push(client, payloads)
-            seconds, counted, peaks = run_drainers(workers, env)
-            assert counted == TOTAL, f"counted {counted:,} of {TOTAL:,}"
-            rates[workers] = TOTAL / seconds
+            bares, jobs = [], []
+            for _ in range(ROUNDS):  # alternated: the machine's drift falls on both alike
+                client.flushdb()
+                _reset(url)
+                push(client, payloads)
+                bare_seconds, bare_counted, _ = run_drainers(workers, env, "bare")
+                assert bare_counted == TOTAL, f"bare counted {bare_counted:,} of {TOTAL:,}"
+                client.flushdb()
+                _reset(url)
+                pushed = push(client, payloads)
+                seconds, counted, peaks = run_drainers(workers, env)
+                assert counted == TOTAL, f"counted {counted:,} of {TOTAL:,}"
+                bares.append(TOTAL / bare_seconds)
+                jobs.append(TOTAL / seconds)
+                print(
+                    f"{workers} worker(s): {TOTAL / seconds:,.0f} impressions/s end to end "
+                    f"({seconds:.1f} s; push took {pushed:.1f} s); peak RSS per worker "
+                    f"{', '.join(f'{p:.0f} MB' for p in peaks)}"
+                )
+                print(
+                    f"  bare pipeline, {workers} process(es), just before: "
+                    f"{TOTAL / bare_seconds:,.0f}/s; the job at {bare_seconds / seconds:.0%} of it"
+                )
+                peak[workers] = max(peak.get(workers, 0.0), *peaks)
+            rates[workers] = max(jobs)
             print(
-                f"{workers} worker(s): {TOTAL / seconds:,.0f} impressions/s end to end "
-                f"({seconds:.1f} s; push took {pushed:.1f} s); peak RSS per worker "
-                f"{', '.join(f'{p:.0f} MB' for p in peaks)}"
+                f"  {workers} worker(s), best of {ROUNDS} alternated rounds: {max(jobs):,.0f}/s "
+                f"against the bare pipeline's best {max(bares):,.0f}/s: "
+                f"{max(jobs) / max(bares):.0%} (goal: 80 %)"
             )
-            print(
-                f"  bare pipeline, {workers} process(es): {TOTAL / bare_seconds:,.0f}/s; "
-                f"the job at {bare_seconds / seconds:.0%} of it (goal: 80 %)"
-            )
-            peak[workers] = max(peaks)
         smaller = 2 * GROUP_IMPRESSIONS
         client.flushdb()
         push(client, payloads[:smaller])
