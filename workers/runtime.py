@@ -207,12 +207,12 @@ def redis_client(url: str, *, socket_timeout: float = 10, retries: int = 5) -> r
     if sentinel is not None:
         from redis.sentinel import Sentinel
 
-        watchers = Sentinel(  # type: ignore[no-untyped-call]
+        watchers = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             list(sentinel.nodes),
             socket_timeout=socket_timeout,
             sentinel_kwargs={"socket_timeout": 2},
         )
-        master: redis.Redis = watchers.master_for(  # type: ignore[no-untyped-call]
+        master: redis.Redis = watchers.master_for(  # type: ignore[no-untyped-call,unused-ignore]
             sentinel.master,
             db=sentinel.db,
             password=sentinel.password,

@@ -176,7 +176,7 @@ class CanaryAct:
         self.judged_by = self.own.url
         _STARTED.append(self.own.url)
         self.env = {"FLEET_PROMETHEUS_URL": self.own.url}
-        pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         pubsub.psubscribe(**{"config_changes:*": lambda m: self.events.append(m["data"])})
         self.watching = pubsub.run_in_thread(sleep_time=0.1, daemon=True)
         with rt.sessions.begin() as session:

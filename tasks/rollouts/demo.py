@@ -72,7 +72,7 @@ class FlagService:
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
         self.invalidations: list[dict[str, Any]] = []
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         self._pubsub.subscribe(**{CHANNEL: self._invalidated})
         self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
 
