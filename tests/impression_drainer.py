@@ -4,7 +4,8 @@ kill itself with SIGKILL at a chosen point of a chosen batch.
     python -m tests.impression_drainer [--crash-at POINT] [--on-batch N] [--batch-size S]
 
 Points: after_take, mid_aggregation, mid_transaction, after_commit, before_finish,
-after_finish. Settings come from FLEET_* as for any fleet process.
+after_finish; and mid_users_save (the user sketches taken to be saved and read, not
+written). Settings come from FLEET_* as for any fleet process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 from typing import Any
 
 import tasks.impressions as job
+import tasks.impressions.users as users
 from tasks.impressions.queue import ImpressionQueue
 from workers.logs import configure_logging
 from workers.runtime import Runtime, install
@@ -43,6 +45,7 @@ STEPS: dict[str, list[tuple[Any, str, bool]]] = {
     "after_commit": [(job.UserSketches, "add", True)],
     "before_finish": [(ImpressionQueue, "finish", True)],
     "after_finish": [(ImpressionQueue, "finish", False)],
+    "mid_users_save": [(users, "read_sketches", False)],
 }
 
 
@@ -81,7 +84,7 @@ def _dying(original: Any, before: bool, seen: dict[str, int], on_batch: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--crash-at", choices=POINTS)
+    parser.add_argument("--crash-at", choices=(*POINTS, "mid_users_save"))
     parser.add_argument("--on-batch", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=200)
     options = parser.parse_args()

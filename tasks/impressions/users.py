@@ -10,6 +10,7 @@ written to the database at the end of each run.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
@@ -22,21 +23,42 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tasks.impressions.records import UsersKey
 from workers.db.models import FlagImpressionUsers
+from workers.logs import get_logger
+
+log = get_logger("fleet.impressions")
 
 PREFIX = "fleet:impressions:users:"
 DIRTY = "fleet:impressions:users:dirty"
 TAKING = "fleet:impressions:users:taking:"  # + a persist call's token: the names it took
-# Take up to ARGV[1] dirty names into this call's own set KEYS[2] (expiring in ARGV[2] s).
+# Every call's set, scored with the Redis time it was taken: a set still there long after is
+# a call that died (a worker killed, Redis unreachable on the way back), given back whole.
+TAKINGS = "fleet:impressions:users:takings"
+ORPHANED_AFTER = 300  # seconds: a persist call takes well under a second per 5,000 names
+READ_AT_ONCE = 200  # sketches read in one MULTI (up to 12 KB each): Redis serves others between
+# Take up to ARGV[1] dirty names into this call's own set KEYS[2], registered in KEYS[3].
 # Safe to repeat: a call whose set exists already ran (its answer lost); it gets the same
 # names back, where a bare SPOP sent again would take others and leave the first ones out.
 _TAKE_DIRTY = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('SMEMBERS', KEYS[2]) end
 local names = redis.call('SPOP', KEYS[1], ARGV[1])
 if #names > 0 then
-  redis.call('SADD', KEYS[2], unpack(names))
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  for i = 1, #names, 1000 do
+    redis.call('SADD', KEYS[2], unpack(names, i, math.min(i + 999, #names)))
+  end
+  redis.call('ZADD', KEYS[3], redis.call('TIME')[1], KEYS[2])
 end
 return names
+"""
+# A call's names back into the dirty set KEYS[1] (its set KEYS[2] gone, unregistered from
+# KEYS[3]); safe to repeat.
+_GIVE_BACK = """
+local names = redis.call('SMEMBERS', KEYS[2])
+for i = 1, #names, 1000 do
+  redis.call('SADD', KEYS[1], unpack(names, i, math.min(i + 999, #names)))
+end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], KEYS[2])
+return #names
 """
 KEEP = timedelta(days=8)  # older days are final in the database
 
@@ -119,30 +141,59 @@ def _restore(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
 
 
 def persist_users(client: redis.Redis, engine: Engine, limit: int = 5000) -> int:
-    """Write changed sketches and their counts to the database; returns how many."""
+    """Write changed sketches and their counts to the database; returns how many were
+    read to be written (a row kept because the stored one was read later counts too)."""
+    give_back_orphans(client)
     taking = TAKING + uuid.uuid4().hex
-    taken = client.eval(_TAKE_DIRTY, 2, DIRTY, taking, limit, 3600)
+    taken = client.eval(_TAKE_DIRTY, 3, DIRTY, taking, TAKINGS, limit)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in taken or []]
     if not names:
         return 0
     try:
-        # Safe to repeat: each row is overwritten with the sketch as it stands.
+        # Safe to repeat: a read never overwrites a later one (see _upsert).
         rows = read_sketches(client, names)
         _upsert(engine, rows)
     except Exception:
-        client.sadd(DIRTY, *names)  # try again next run
+        with contextlib.suppress(redis.RedisError):  # else the next call gives them back
+            client.eval(_GIVE_BACK, 3, DIRTY, taking, TAKINGS)
         raise
-    finally:
-        client.delete(taking)  # safe to repeat
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(taking)  # lost on the way back: given back later and written again, harmless
+    pipe.zrem(TAKINGS, taking)
+    pipe.execute()
     return len(rows)
 
 
+def give_back_orphans(client: redis.Redis) -> int:
+    """Names taken by calls that never finished, :data:`ORPHANED_AFTER` seconds or more ago,
+    back into the dirty set; returns how many. Without this a worker killed between taking
+    and writing would leave those days' last users out of the database until the sketch
+    changed again, and a Redis restart in between would lose them."""
+    seconds, _ = client.time()
+    stale = client.zrangebyscore(TAKINGS, "-inf", seconds - ORPHANED_AFTER)
+    returned = 0
+    for raw in stale:
+        taking = raw.decode() if isinstance(raw, bytes) else str(raw)
+        count = int(client.eval(_GIVE_BACK, 3, DIRTY, taking, TAKINGS))
+        if count:
+            log.warning("impressions_users_orphans_returned", taking=taking, sketches=count)
+        returned += count
+    return returned
+
+
 def read_sketches(client: redis.Redis, names: list[str]) -> list[dict[str, Any]]:
-    """The sketches ``names`` as they stand, as rows to write, stamped ``updated_at`` with
-    the moment Redis read them: all at once (MULTI), on Redis's clock, the one clock every
-    worker shares. A sketch only ever grows, so of two reads of one sketch the later holds
-    every user the earlier does: :func:`_upsert` never lets an earlier read overwrite a
-    later one (two workers persisting the same day's sketch can commit in either order)."""
+    """The sketches ``names`` as they stand, as rows to write, each stamped ``updated_at``
+    with the moment Redis read it: :data:`READ_AT_ONCE` at a time (MULTI), on Redis's clock,
+    which every worker shares. A sketch only ever grows, so of two reads of one sketch the
+    later holds every user the earlier does: :func:`_upsert` keeps the later (two workers
+    persisting the same day's sketch can commit in either order)."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(names), READ_AT_ONCE):
+        rows += _read(client, names[start : start + READ_AT_ONCE])
+    return rows
+
+
+def _read(client: redis.Redis, names: list[str]) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=True)
     pipe.time()
     for name in names:
@@ -183,7 +234,10 @@ def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> None:
             "updated_at": statement.excluded.updated_at,
         },
         # A read older than the stored one holds no user that one lacks: keep the newer.
-        where=FlagImpressionUsers.updated_at <= statement.excluded.updated_at,
+        # More users is newer whatever the stamps say: a clock set back (a Redis failover,
+        # rows stamped by an older version with a worker's clock) cannot pin a stale row.
+        where=(FlagImpressionUsers.updated_at <= statement.excluded.updated_at)
+        | (FlagImpressionUsers.users < statement.excluded.users),
     )
     rows.sort(key=lambda r: (r["flag_key"], r["environment"], r["variant"], r["day"]))
     with engine.begin() as connection:
