@@ -47,7 +47,7 @@ REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 TOTAL = 1_000_000
 # Rounds of (bare pipeline, job), alternated; the ratio is of the best of each. On a shared
 # machine one run of either can be slowed by a neighbour: the best is the least disturbed.
-ROUNDS = int(os.environ.get("FLEET_BENCH_IMPRESSIONS_ROUNDS", "2"))
+ROUNDS = max(1, int(os.environ.get("FLEET_BENCH_IMPRESSIONS_ROUNDS", "2")))
 FLAGS = [(f"flag_{i:02d}", ("control", "treatment", "holdout")[: 2 + i % 2]) for i in range(50)]
 ENVIRONMENTS = ("development", "staging", "production")
 

@@ -11,6 +11,7 @@ doubles nothing: see :mod:`tasks.impressions.queue` and :mod:`tasks.impressions.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -220,16 +221,31 @@ def drain(
 YOUNG_COLLECTION_EVERY = 100_000
 
 
+_collections_lock = threading.Lock()
+_collections_raised = 0  # drains running with the threshold raised (a thread pool runs several)
+_collections_before: tuple[int, int, int] = (700, 10, 10)
+
+
 @contextmanager
 def few_collections() -> Iterator[None]:
     """The collector's young generation collected every :data:`YOUNG_COLLECTION_EVERY`
-    allocations while the drain runs; the process's thresholds as they were afterwards."""
-    before = gc.get_threshold()
-    gc.set_threshold(max(before[0], YOUNG_COLLECTION_EVERY), *before[1:])
+    allocations while drains run; the process's thresholds as they were once the last one
+    ends. Left alone when the process asks for fewer collections, or for none (0)."""
+    global _collections_raised, _collections_before
+    with _collections_lock:
+        if _collections_raised == 0:
+            before = gc.get_threshold()
+            _collections_before = (before[0], before[1], before[2])
+            if 0 < before[0] < YOUNG_COLLECTION_EVERY:
+                gc.set_threshold(YOUNG_COLLECTION_EVERY, before[1], before[2])
+        _collections_raised += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
+        with _collections_lock:
+            _collections_raised -= 1
+            if _collections_raised == 0:
+                gc.set_threshold(*_collections_before)
 
 
 def _drain(

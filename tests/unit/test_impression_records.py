@@ -263,5 +263,19 @@ def test_a_drain_collects_the_young_generation_less_often_and_restores_the_proce
         with few_collections():
             assert gc.get_threshold() == (500_000, 5, 5)
         assert gc.get_threshold() == (500_000, 5, 5)
+        gc.set_threshold(0)  # collection turned off stays off
+        with few_collections():
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+        # Drains overlapping in threads, ending in any order: the setting comes back once
+        # the last one ends, not when the first does nor to the raised value.
+        gc.set_threshold(700, 10, 10)
+        first, second = few_collections(), few_collections()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, 10, 10)
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*before)
