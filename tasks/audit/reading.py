@@ -85,6 +85,7 @@ class _Pages:
         self.connection = cast("psycopg.Connection[Any]", self.pooled.driver_connection)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="audit-read-ahead")
         self.ahead: tuple[int, Future[Sequence[Sequence[Any]]]] | None = None
+        self.closed = False
         try:
             self.connection.rollback()
             self.connection.autocommit = True
@@ -114,9 +115,17 @@ class _Pages:
         return rows
 
     def close(self) -> None:
-        if self.ahead is not None:
-            self.ahead[1].exception()
-        self._release(reusable=True)
+        """Safe to call again; the connection is dropped if the close itself is cut short."""
+        if self.closed:
+            return
+        self.closed = True
+        reusable = False
+        try:
+            if self.ahead is not None:
+                self.ahead[1].exception()  # wait for it: the connection is shared
+            reusable = True
+        finally:
+            self._release(reusable=reusable)
 
     def _release(self, *, reusable: bool) -> None:
         """Back to the pool as it came, or dropped when that cannot be done."""

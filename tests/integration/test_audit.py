@@ -607,7 +607,7 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
         Protector,
         line_hash,
     )
-    from tasks.audit.reading import TABLES
+    from tasks.audit.reading import TABLES, _Pages
 
     with rt.engine.connect() as connection:
         name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
@@ -670,7 +670,14 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
     assert compared == 10
     assert b"hunter" not in b"".join(written)
     assert b"+00:00" in b"".join(written) and b"-03:30" not in b"".join(written)
+    rt.engine.dispose()  # one connection in the pool: the pages', once they close
+    pages = _Pages(rt, TABLES["configuration_audit_log"], 3)
+    pages.read(0)  # a full page: the next one is read ahead, then waited for on close
+    backend = pages.connection.info.backend_pid
+    pages.close()
+    pages.close()  # closing again changes nothing
     with rt.engine.connect() as connection:  # the pages' connection, back from the pool
+        assert connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() == backend
         zone = connection.exec_driver_sql("SHOW timezone").scalar_one()
         assert zone == "America/St_Johns"
         assert connection.connection.driver_connection.autocommit is False
