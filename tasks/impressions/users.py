@@ -152,9 +152,12 @@ def persist_users(client: redis.Redis, engine: Engine, limit: int = 5000) -> int
     try:
         # Safe to repeat: a read never overwrites a later one (see _upsert).
         rows = read_sketches(client, names)
-        _upsert(engine, rows)
+        written = _upsert(engine, rows)
+        kept = [_key(row) for row in rows if _key(row) not in written]
+        if kept:
+            _save_kept(client, engine, kept)
     except Exception:
-        with contextlib.suppress(redis.RedisError):  # else the next call gives them back
+        with contextlib.suppress(redis.RedisError):  # else a call 5 minutes later does
             client.eval(_GIVE_BACK, 3, DIRTY, taking, TAKINGS)
         raise
     pipe = client.pipeline(transaction=True)
@@ -162,6 +165,21 @@ def persist_users(client: redis.Redis, engine: Engine, limit: int = 5000) -> int
     pipe.zrem(TAKINGS, taking)
     pipe.execute()
     return len(rows)
+
+
+def _save_kept(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> None:
+    """Sketches whose stored row was kept: read when a later read was already stored, or
+    counting fewer users than stored because Redis lost part of them (restarted during a
+    run that had already checked them, so nothing was merged back). The stored copies are
+    merged into Redis's (a union), and the result, which holds every user of both, is read
+    and saved once more."""
+    log.warning("impressions_users_kept_stored", sketches=len(keys))
+    _restore(client, engine, keys)
+    _upsert(engine, read_sketches(client, [users_key(key) for key in keys]))
+
+
+def _key(row: Mapping[str, Any]) -> UsersKey:
+    return row["flag_key"], row["environment"], row["variant"], row["day"]
 
 
 def give_back_orphans(client: redis.Redis) -> int:
@@ -221,24 +239,24 @@ def _read(client: redis.Redis, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> None:
+def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> set[UsersKey]:
+    """Rows saved, unless the stored one is newer; returns the keys of those saved."""
     if not rows:
-        return
+        return set()
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     statement = insert(FlagImpressionUsers)
-    statement = statement.on_conflict_do_update(
+    stored, read = FlagImpressionUsers, statement.excluded
+    upsert = statement.on_conflict_do_update(
         index_elements=["flag_key", "environment", "variant", "day"],
-        set_={
-            "users": statement.excluded.users,
-            "sketch": statement.excluded.sketch,
-            "updated_at": statement.excluded.updated_at,
-        },
-        # A read older than the stored one holds no user that one lacks: keep the newer.
-        # More users is newer whatever the stamps say: a clock set back (a Redis failover,
-        # rows stamped by an older version with a worker's clock) cannot pin a stale row.
-        where=(FlagImpressionUsers.updated_at <= statement.excluded.updated_at)
-        | (FlagImpressionUsers.users < statement.excluded.users),
-    )
-    rows.sort(key=lambda r: (r["flag_key"], r["environment"], r["variant"], r["day"]))
+        set_={"users": read.users, "sketch": read.sketch, "updated_at": read.updated_at},
+        # A sketch only grows: a read counting more users is newer whatever the stamps say
+        # (a clock set back by a Redis failover, rows stamped with a worker's clock by an
+        # older version cannot pin a stale row); of two counting as many, the later read.
+        # One counting fewer is an earlier read, or Redis lost users: kept (see persist_users).
+        where=(read.users > stored.users)
+        | ((read.users == stored.users) & (stored.updated_at <= read.updated_at)),
+    ).returning(stored.flag_key, stored.environment, stored.variant, stored.day)
+    rows.sort(key=_key)
     with engine.begin() as connection:
-        connection.execute(statement, rows)
+        saved = connection.execute(upsert, rows).all()
+    return {(flag, environment, variant, day) for flag, environment, variant, day in saved}

@@ -787,6 +787,28 @@ def test_a_sketch_with_more_users_replaces_one_stamped_later(rt: Runtime) -> Non
     assert users == rt.redis.pfcount(name) and 300 * 0.97 <= users <= 300 * 1.03
 
 
+def test_a_redis_restart_during_a_run_loses_no_saved_user(rt: Runtime) -> None:
+    """Redis restarts while a run is on: the run checked its sketches already, so nothing
+    is merged back from the database before new users go in, and Redis's sketch counts
+    fewer users than the stored row. The save keeps the stored row, merges it into Redis's
+    and saves the union (without that, the row would drop to the users added since)."""
+    from tasks.impressions.users import DIRTY, UserSketches, persist_users, users_key
+
+    key = ("f", "production", "on", date(2026, 12, 7))
+    name = users_key(key)
+    sketches = UserSketches(rt.redis, rt.engine)
+    sketches.add({key: {f"u{i}" for i in range(300)}})
+    assert persist_users(rt.redis, rt.engine) == 1
+    rt.redis.delete(name)  # Redis restarted, nothing on disk
+    sketches.add({key: {f"u{i}" for i in range(300, 400)}})
+    assert rt.redis.pfcount(name) < 110
+    assert persist_users(rt.redis, rt.engine) == 1
+    with rt.engine.connect() as connection:
+        users = connection.execute(select(FlagImpressionUsers.users)).scalar_one()
+    assert users == rt.redis.pfcount(name) and 400 * 0.97 <= users <= 400 * 1.03
+    assert rt.redis.scard(DIRTY) == 0
+
+
 def test_a_worker_killed_while_saving_sketches_leaves_none_unsaved(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
