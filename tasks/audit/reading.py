@@ -115,7 +115,8 @@ class _Pages:
         return rows
 
     def close(self) -> None:
-        """Safe to call again; the connection is dropped if the close itself is cut short."""
+        """Safe to call again. The read ahead is waited for (the connection is shared); if
+        that wait is interrupted, the connection is dropped instead of going back to the pool."""
         if self.closed:
             return
         self.closed = True

@@ -682,6 +682,25 @@ def test_events_rendered_by_postgres_equal_those_rendered_in_python(rt: Runtime)
         assert zone == "America/St_Johns"
         assert connection.connection.driver_connection.autocommit is False
 
+    rt.engine.dispose()  # a close interrupted while it waits for the read ahead: dropped
+    pages = _Pages(rt, TABLES["configuration_audit_log"], 3)
+    pages.read(0)
+    backend = pages.connection.info.backend_pid
+    assert pages.ahead is not None
+    ahead = pages.ahead[1]
+    ahead.result()  # the read ahead is done: the interrupt comes from the wait itself
+
+    def interrupted(timeout: float | None = None) -> BaseException | None:
+        raise KeyboardInterrupt
+
+    ahead.exception = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        pages.close()
+    pages.close()
+    assert rt.engine.pool.checkedout() == 0  # given up, not held
+    with rt.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != backend
+
 
 def test_a_page_with_no_key_word_ships_flat_metadata_as_stored_and_the_rest_as_before(
     rt: Runtime,

@@ -248,6 +248,7 @@ def test_a_tally_of_batches_counts_as_their_aggregates_added_up() -> None:
 def test_a_drain_collects_the_young_generation_less_often_and_restores_the_process_setting() -> (
     None
 ):
+    import contextlib
     import gc
 
     from tasks.impressions import YOUNG_COLLECTION_EVERY, few_collections
@@ -270,12 +271,10 @@ def test_a_drain_collects_the_young_generation_less_often_and_restores_the_proce
         # Drains overlapping in threads, ending in any order: the setting comes back once
         # the last one ends, not when the first does nor to the raised value.
         gc.set_threshold(700, 10, 10)
-        first, second = few_collections(), few_collections()
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, 10, 10)
-        second.__exit__(None, None, None)
+        with contextlib.ExitStack() as second:
+            with few_collections():
+                second.enter_context(few_collections())
+            assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, 10, 10)
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*before)
