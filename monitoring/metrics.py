@@ -105,6 +105,15 @@ IMPRESSIONS_RECOVERED_BATCHES = Counter(
     "fleet_impressions_recovered_batches",
     "In-flight batches taken over from a worker presumed dead.",
 )
+IMPRESSIONS_USERS_RECOVERED = Counter(
+    "fleet_impressions_users_recovered",
+    "User sketches saved again after a fault: taken by a save whose worker died "
+    "(orphaned_take), or merged with the stored copy because Redis had lost users or read "
+    "them before a later read was stored (kept_stored).",
+    ["reason"],
+)
+for _reason in ("orphaned_take", "kept_stored"):
+    IMPRESSIONS_USERS_RECOVERED.labels(reason=_reason)
 IMPRESSIONS_FOLDED = Counter(
     "fleet_impressions_folded_rows",
     "Minute rows folded into hourly rows by the retention job.",

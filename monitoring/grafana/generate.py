@@ -257,6 +257,10 @@ def impressions() -> Board:
             ("max(fleet_impressions_orphaned_batches)", "batches orphaned"),
             ("max(fleet_impressions_oldest_unparsable)", "unreadable at the old end"),
             ("sum(increase(fleet_impressions_recovered_batches_total[1h]))", "recovered (1h)"),
+            (
+                "sum by (reason) (increase(fleet_impressions_users_recovered_total[1h]))",
+                "user sketches saved again (1h): {{reason}}",
+            ),
             ("sum(increase(fleet_impressions_folded_rows_total[1h]))", "minute rows folded (1h)"),
         ],
     )

@@ -173,7 +173,10 @@ def _save_kept(client: redis.Redis, engine: Engine, keys: list[UsersKey]) -> Non
     run that had already checked them, so nothing was merged back). The stored copies are
     merged into Redis's (a union), and the result, which holds every user of both, is read
     and saved once more."""
+    from monitoring import metrics
+
     log.warning("impressions_users_kept_stored", sketches=len(keys))
+    metrics.IMPRESSIONS_USERS_RECOVERED.labels(reason="kept_stored").inc(len(keys))
     _restore(client, engine, keys)
     _upsert(engine, read_sketches(client, [users_key(key) for key in keys]))
 
@@ -187,6 +190,8 @@ def give_back_orphans(client: redis.Redis) -> int:
     back into the dirty set; returns how many. Without this a worker killed between taking
     and writing would leave those days' last users out of the database until the sketch
     changed again, and a Redis restart in between would lose them."""
+    from monitoring import metrics
+
     seconds, _ = client.time()
     stale = client.zrangebyscore(TAKINGS, "-inf", seconds - ORPHANED_AFTER)
     returned = 0
@@ -195,6 +200,7 @@ def give_back_orphans(client: redis.Redis) -> int:
         count = int(client.eval(_GIVE_BACK, 3, DIRTY, taking, TAKINGS))
         if count:
             log.warning("impressions_users_orphans_returned", taking=taking, sketches=count)
+            metrics.IMPRESSIONS_USERS_RECOVERED.labels(reason="orphaned_take").inc(count)
         returned += count
     return returned
 

@@ -787,6 +787,16 @@ def test_a_sketch_with_more_users_replaces_one_stamped_later(rt: Runtime) -> Non
     assert users == rt.redis.pfcount(name) and 300 * 0.97 <= users <= 300 * 1.03
 
 
+def _users_recovered(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    import monitoring.metrics  # noqa: F401  (the counter registered)
+
+    value = REGISTRY.get_sample_value("fleet_impressions_users_recovered_total", {"reason": reason})
+    assert value is not None  # created at 0 when the metrics are loaded
+    return value
+
+
 def test_a_redis_restart_during_a_run_loses_no_saved_user(rt: Runtime) -> None:
     """Redis restarts while a run is on: the run checked its sketches already, so nothing
     is merged back from the database before new users go in, and Redis's sketch counts
@@ -802,7 +812,9 @@ def test_a_redis_restart_during_a_run_loses_no_saved_user(rt: Runtime) -> None:
     rt.redis.delete(name)  # Redis restarted, nothing on disk
     sketches.add({key: {f"u{i}" for i in range(300, 400)}})
     assert rt.redis.pfcount(name) < 110
+    recovered = _users_recovered("kept_stored")
     assert persist_users(rt.redis, rt.engine) == 1
+    assert _users_recovered("kept_stored") == recovered + 1
     with rt.engine.connect() as connection:
         users = connection.execute(select(FlagImpressionUsers.users)).scalar_one()
     assert users == rt.redis.pfcount(name) and 400 * 0.97 <= users <= 400 * 1.03
@@ -852,7 +864,9 @@ def test_a_worker_killed_while_saving_sketches_leaves_none_unsaved(
     assert persist_users(rt.redis, rt.engine) == 0
     for member, score in rt.redis.zrange(TAKINGS, 0, -1, withscores=True):
         rt.redis.zadd(TAKINGS, {member: score - ORPHANED_AFTER})  # five minutes on
+    recovered = _users_recovered("orphaned_take")
     assert persist_users(rt.redis, rt.engine) == len(names)
+    assert _users_recovered("orphaned_take") == recovered + len(names)
     with rt.engine.connect() as connection:
         saved = connection.execute(
             select(
