@@ -49,6 +49,22 @@ if #names > 0 then
 end
 return names
 """
+# A take set KEYS[2] made by a version of the fleet that did not register its takes (it let
+# them expire ARGV[1] s after the take instead) registered in KEYS[1] as taken when its
+# expiry says, and kept from expiring; 0 when there is none, or it is registered already.
+_REGISTER_UNLISTED = """
+if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('ZSCORE', KEYS[1], KEYS[2]) then
+  return 0
+end
+local ttl = redis.call('TTL', KEYS[2])
+local age = 0
+if ttl > 0 then age = math.max(0, tonumber(ARGV[1]) - ttl) end
+redis.call('ZADD', KEYS[1], tonumber(redis.call('TIME')[1]) - age, KEYS[2])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+UNLISTED_TAKE_EXPIRY = 3600  # what that version set
+_unlisted_checked = False  # once per process: only a worker of an older version makes them
 # A call's names back into the dirty set KEYS[1] (its set KEYS[2] gone, unregistered from
 # KEYS[3]); safe to repeat.
 _GIVE_BACK = """
@@ -192,6 +208,10 @@ def give_back_orphans(client: redis.Redis) -> int:
     changed again, and a Redis restart in between would lose them."""
     from monitoring import metrics
 
+    global _unlisted_checked
+    if not _unlisted_checked:
+        register_unlisted_takes(client)
+        _unlisted_checked = True
     seconds, _ = client.time()
     stale = client.zrangebyscore(TAKINGS, "-inf", seconds - ORPHANED_AFTER)
     returned = 0
@@ -203,6 +223,19 @@ def give_back_orphans(client: redis.Redis) -> int:
             metrics.IMPRESSIONS_USERS_RECOVERED.labels(reason="orphaned_take").inc(count)
         returned += count
     return returned
+
+
+def register_unlisted_takes(client: redis.Redis) -> int:
+    """Take sets left by workers of an older version (during a rolling upgrade), which did
+    not register them, registered so that :func:`give_back_orphans` sees them; returns how
+    many. One ``SCAN`` of the keyspace, done once per process."""
+    found = 0
+    for raw in client.scan_iter(match=TAKING + "*", count=1000):
+        taking = raw.decode() if isinstance(raw, bytes) else str(raw)
+        found += int(client.eval(_REGISTER_UNLISTED, 2, TAKINGS, taking, UNLISTED_TAKE_EXPIRY))
+    if found:
+        log.warning("impressions_users_unlisted_takes", takes=found)
+    return found
 
 
 def read_sketches(client: redis.Redis, names: list[str]) -> list[dict[str, Any]]:

@@ -797,6 +797,34 @@ def _users_recovered(reason: str) -> float:
     return value
 
 
+def test_takes_left_by_an_older_version_are_given_back_too(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling upgrade, a worker of the previous version (take sets unregistered,
+    expiring an hour after the take) dies mid-save: the first save of a new worker registers
+    its set as taken when its expiry says, keeps it from expiring, and gives it back once it
+    is 5 minutes old, like its own."""
+    import tasks.impressions.users as users
+
+    day = date(2026, 12, 7)
+    old, young = (users.TAKING + token for token in ("old-version-1", "old-version-2"))
+    names: dict[str, list[str]] = {old: [], young: []}
+    for taking, ttl, first in ((old, 3600 - 400, 0), (young, 3600 - 10, 10)):
+        for i in range(first, first + 10):
+            name = users.users_key((f"flag{i}", "production", "on", day))
+            rt.redis.pfadd(name, f"u{i}")
+            names[taking].append(name)
+        rt.redis.sadd(taking, *names[taking])  # as that version took them: no registry
+        rt.redis.expire(taking, ttl)  # taken 400 s and 10 s ago
+    monkeypatch.setattr(users, "_unlisted_checked", False)
+    assert users.persist_users(rt.redis, rt.engine) == 10  # the old one, given back
+    assert rt.redis.zcard(users.TAKINGS) == 1 and rt.redis.ttl(young) == -1  # kept
+    with rt.engine.connect() as connection:
+        saved = connection.execute(select(FlagImpressionUsers.flag_key)).scalars().all()
+    assert sorted(saved) == sorted(f"flag{i}" for i in range(10))
+    assert users.register_unlisted_takes(rt.redis) == 0  # registered once
+
+
 def test_a_redis_restart_during_a_run_loses_no_saved_user(rt: Runtime) -> None:
     """Redis restarts while a run is on: the run checked its sketches already, so nothing
     is merged back from the database before new users go in, and Redis's sketch counts
