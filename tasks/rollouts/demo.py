@@ -37,7 +37,7 @@ from tasks.canary import demo as canary_demo
 from tasks.impressions.queue import SOURCE
 from tasks.rollouts import start_rollout
 from tasks.rollouts.spec import RolloutSpec
-from workers.db.models import FeatureFlag, FlagRollout, TaskRun
+from workers.db.models import FeatureFlag, FlagRollout, FlagRolloutStep, TaskRun
 from workers.flagstore import CHANNEL, user_hash
 from workers.runtime import Runtime
 
@@ -229,6 +229,22 @@ for _seed, (_, _flag, _latency, _) in enumerate(ROLLOUTS):
     )
 
 
+def _path(rt: Runtime, row: FlagRollout) -> list[float]:
+    """The percentages a rollout went through, from its recorded looks (each at the
+    percentage it found) and where it stands now: every step, however fast they came."""
+    with rt.sessions() as session:
+        looked = session.scalars(
+            select(FlagRolloutStep.percentage)
+            .where(FlagRolloutStep.rollout_id == row.id)
+            .order_by(FlagRolloutStep.at, FlagRolloutStep.id)
+        ).all()
+    path: list[float] = []
+    for value in (*looked, row.written_percentage):
+        if not path or path[-1] != value:
+            path.append(value)
+    return path
+
+
 class RolloutAct:
     name = "rollout"
     expected_successes: ClassVar[dict[str, int]] = {}
@@ -239,7 +255,6 @@ class RolloutAct:
         self.judged = False
         self.users = 0
         self.served: Counter[str] = Counter()
-        self.path: dict[str, list[float]] = {name: [] for name, *_ in ROLLOUTS}
 
     def prepare(self, rt: Runtime, now: datetime) -> str:
         if canary_demo.judging_prometheus() is None:
@@ -270,8 +285,6 @@ class RolloutAct:
             row = rows.get(name)
             if row is None:
                 continue
-            if not self.path[name] or self.path[name][-1] != row.written_percentage:
-                self.path[name].append(row.written_percentage)
             if row.state == "active":
                 first, self.users = self.users, self.users + USERS_PER_TICK
                 users = (f"user-{i}" for i in range(first, self.users))
@@ -284,11 +297,11 @@ class RolloutAct:
             runs = session.scalar(
                 select(func.count()).select_from(TaskRun).where(TaskRun.job == "rollouts.advance")
             )
+        ours = {name for name, *_ in ROLLOUTS}
         parts = [
-            f"{row.flag_key} {' -> '.join(f'{p:g}%' for p in self.path[name] or [0.0])} "
-            f"({row.state})"
+            f"{row.flag_key} {' -> '.join(f'{p:g}%' for p in _path(rt, row))} ({row.state})"
             for name, row in sorted(rows.items())
-            if name in self.path
+            if name in ours
         ]
         heard = len(self.service.invalidations) if self.service else 0
         return (
