@@ -68,6 +68,8 @@ class CuttingProxy:
             return
         try:
             self._forward(client, server)
+        except OSError:
+            pass  # either end reset or gone (a process killed, a server restarted): cut both
         finally:
             for end in (client, server):
                 with contextlib.suppress(OSError):

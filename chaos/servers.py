@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -201,7 +202,23 @@ class Supervisor:
                         self._reap_group(process)
                         self._spawn(process)
                         process.restarts += 1
+                    elif self._back_up(process):
+                        # Down until it serves again, not until it was started: on a slow
+                        # machine a start takes seconds, and no replica fires meanwhile.
                         process.down[-1] = (process.down[-1][0], self.now())
+
+    @staticmethod
+    def _back_up(process: FleetProcess) -> bool:
+        """A process down, restarted since, whose /metrics port now takes connections."""
+        if not process.down or process.down[-1][1] is not None:
+            return False
+        if process.alive_since is None or process.alive_since <= process.down[-1][0]:
+            return False  # the one that went down, maybe still closing its port
+        try:
+            socket.create_connection(("127.0.0.1", process.metrics_port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def _reap_group(process: FleetProcess) -> None:

@@ -55,8 +55,7 @@ def chaos(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[st
 def test_a_short_chaos_run_holds_every_invariant(chaos_env: dict[str, str]) -> None:
     seed = os.environ.get("CHAOS_SEED", "7")
     done = chaos({**chaos_env, "CHAOS_SECONDS": "45", "CHAOS_SEED": seed}, timeout=540)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
+    assert done.returncode == 0, done.stdout[-6000:] + "\n--- stderr:\n" + done.stderr[-2000:]
     last = [line for line in done.stdout.splitlines() if line.startswith("chaos: ")][-1]
     assert "(0 lost, 0 doubled)" in last and ", 0 twice," in last, last
     assert "chain verified" in last
