@@ -169,7 +169,7 @@ def persist_users(client: redis.Redis, engine: Engine, limit: int = 5000) -> int
         # Safe to repeat: a read never overwrites a later one (see _upsert).
         rows = read_sketches(client, names)
         written = _upsert(engine, rows)
-        kept = [_key(row) for row in rows if _key(row) not in written]
+        kept = [key for key in map(_key, rows) if key not in written]
         if kept:
             _save_kept(client, engine, kept)
     except Exception:

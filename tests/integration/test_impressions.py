@@ -534,25 +534,7 @@ def test_sigkill_at_every_step_loses_and_doubles_nothing(
         total.expected.update(stream.expected)
         total.per_flag.update(stream.per_flag)
         total.bad += stream.bad
-        crashed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.impression_drainer",
-                "--crash-at",
-                point,
-                "--on-batch",
-                "3",
-                "--batch-size",
-                "200",
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        crashed = run_drainer(env, "--crash-at", point, "--on-batch", "3", "--batch-size", "200")
         assert crashed.returncode == -signal.SIGKILL, (point, crashed.stderr[-2000:])
         # In flight at most: a group committing and one gathering (batches of 200 here).
         assert rt.redis.zcard(IN_FLIGHT) <= 2 * (GROUP_IMPRESSIONS // 200), point
@@ -632,6 +614,19 @@ def test_concurrent_drainers_count_exactly(
         batches = connection.execute(select(func.count()).select_from(ImpressionBatch)).scalar_one()
     assert batches == len(stream.payloads) // 250
     rt.close()
+
+
+def run_drainer(env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:
+    """One drainer process to its end (or its chosen SIGKILL), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.impression_drainer", *options],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def drainer_env(db_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
@@ -868,15 +863,7 @@ def test_a_worker_killed_while_saving_sketches_leaves_none_unsaved(
     rt = install(Runtime(settings_for(postgres_url, redis_url, tmp_path)))
     add_flags(rt.engine)
     Stream(2_000, seed=21).push(rt.redis)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "tests.impression_drainer", "--crash-at", "mid_users_save"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    crashed = run_drainer(env, "--crash-at", "mid_users_save")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert rt.redis.llen(SOURCE) == 0 and rt.redis.scard(DIRTY) == 0  # all taken
     names = {
