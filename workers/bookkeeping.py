@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,8 @@ class _InFlight:
     started: float
     error: str | None = None
     duplicate: bool = False
+    # The row as the start wrote it (or meant to): written at the end if the start could not be.
+    row: dict[str, Any] = field(default_factory=dict)
 
 
 _inflight: dict[str, _InFlight] = {}
@@ -139,68 +141,80 @@ def _on_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **
     started = time.monotonic()
     row_id = None
     duplicate = False
+    row = _row_of(task, task_id, schedule, kwargs or {})
     rt = installed()
     if rt is not None:
         try:
             duplicate = not _first_of_fire(rt, task, task_id)
         except Exception as exc:
             log.warning("fire_run_claim_failed", error=describe_error(exc))
-        try:
-            row_id = _record_start(rt, task, task_id, schedule, kwargs or {}, duplicate)
-        except Exception as exc:
-            log.warning("task_run_record_failed", phase="start", error=describe_error(exc))
-            row_id = _read_back_start(rt, task, task_id)
+        row_id = _start(rt, task_id, row, duplicate)
     with _inflight_lock:
-        _inflight[task_id] = _InFlight(row_id=row_id, started=started, duplicate=duplicate)
+        _inflight[task_id] = _InFlight(row_id=row_id, started=started, duplicate=duplicate, row=row)
     if duplicate:
         log.warning("task_duplicate_dropped", fire=_request_header(task, FIRE_HEADER))
         return
-    log.info("task_started", attempt=getattr(task.request, "retries", 0) or 0)
+    log.info("task_started", attempt=row["attempt"])
 
 
-def _read_back_start(rt: Any, task: Any, task_id: str) -> int | None:
-    """Resolved by reading back: a start whose COMMIT answer was lost may have committed.
-    Its row is found by the run's task id, attempt and worker, so that the run's end is
-    written to it instead of leaving it ``running``; None when it did not commit."""
-    request = getattr(task, "request", None)
-    try:
-        with rt.sessions() as session:
-            found = session.scalar(
-                select(TaskRun.id)
-                .where(
-                    TaskRun.task_id == task_id,
-                    TaskRun.attempt == (getattr(request, "retries", 0) or 0),
-                    TaskRun.worker == getattr(request, "hostname", None),
-                    TaskRun.outcome.in_(("running", "duplicate")),
-                )
-                .order_by(TaskRun.id.desc())
-                .limit(1)
+def _start(rt: Any, task_id: str, row: dict[str, Any], duplicate: bool) -> int | None:
+    """The run's row, written before it runs. A start cut on its way (a backend terminated,
+    an answer lost) is read back, and written once more if it did not commit. None when
+    the database could not say: the run goes on and its end writes the row."""
+    for tries in (1, 2):
+        try:
+            return _record_start(rt, task_id, row, duplicate)
+        except Exception as exc:
+            log.warning(
+                "task_run_record_failed", phase="start", tries=tries, error=describe_error(exc)
             )
-    except Exception as exc:
-        log.warning("task_run_read_back_failed", error=describe_error(exc))
-        return None
+        try:
+            found = _read_back_start(rt, row)
+        except Exception as exc:
+            log.warning("task_run_read_back_failed", error=describe_error(exc))
+            return None  # it may have committed: only the end can tell, by reading again
+        if found is not None:
+            return found
+    return None
+
+
+def _read_back_start(rt: Any, row: dict[str, Any]) -> int | None:
+    """Resolved by reading back: a start whose COMMIT answer was lost may have committed.
+    Its row is found, so that the run's end is written to it instead of leaving it
+    ``running``; None when it did not commit."""
+    with rt.sessions() as session:
+        found = session.scalar(_started_row(row))
     return int(found) if found is not None else None
 
 
-def _record_start(
-    rt: Any,
-    task: Any,
-    task_id: str,
-    schedule: str | None,
-    kwargs: dict[str, Any],
-    duplicate: bool = False,
-) -> int:
-    at = now()
-    attempt = getattr(task.request, "retries", 0) or 0
-    row = {
+def _started_row(row: dict[str, Any]) -> Any:
+    """This run's own row: its task id, attempt, worker and start time (to the microsecond)
+    are this start's alone."""
+    return select(TaskRun.id).where(
+        TaskRun.task_id == row["task_id"],
+        TaskRun.attempt == row["attempt"],
+        TaskRun.worker == row["worker"],
+        TaskRun.started_at == row["started_at"],
+    )
+
+
+def _row_of(
+    task: Any, task_id: str, schedule: str | None, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    request = getattr(task, "request", None)
+    return {
         "job": task.name,
         "task_id": task_id,
         "schedule": schedule,
         "args": orjson.loads(orjson.dumps(kwargs, default=str)),
-        "attempt": attempt,
-        "worker": getattr(task.request, "hostname", None),
-        "started_at": at,
+        "attempt": getattr(request, "retries", 0) or 0,
+        "worker": getattr(request, "hostname", None),
+        "started_at": now(),
     }
+
+
+def _record_start(rt: Any, task_id: str, row: dict[str, Any], duplicate: bool = False) -> int:
+    at, attempt = row["started_at"], row["attempt"]
     if duplicate:  # recorded, finished at once; the run that took the fire is left alone
         finished = {"finished_at": at, "outcome": "duplicate"}
         error = "a second message of a fire that another run took"
@@ -235,7 +249,7 @@ def _record_start(
             insert(TaskRun).values(**row, outcome="running").returning(TaskRun.id)
         ).scalar_one()
     if lost:
-        _metrics().TASK_RUNS.labels(task.name, "lost").inc(len(lost))
+        _metrics().TASK_RUNS.labels(row["job"], "lost").inc(len(lost))
         log.warning("task_run_lost", runs=len(lost))
     return int(row_id)
 
@@ -287,13 +301,27 @@ def _on_postrun(
     metrics.TASK_DURATION.labels(task.name).observe(seconds)
     error = flight.error if flight else None
     rt = installed()
-    if rt is not None and flight is not None and flight.row_id is not None:
+    if rt is not None and flight is not None:
+        _finish(rt, task.name, flight, outcome, error, retval)
+    log.info("task_finished", outcome=outcome, seconds=round(seconds, 3), error=error)
+    structlog.contextvars.unbind_contextvars("job", "task_id", "schedule")
+
+
+def _finish(
+    rt: Any, job: str, flight: _InFlight, outcome: str, error: str | None, retval: Any
+) -> None:
+    """The run's end, on its row. Tried twice: a cut connection (a terminated backend, a
+    lost answer) is met by writing again, which finds the same row."""
+    for tries in (1, 2):
         try:
             with rt.sessions.begin() as session:
                 finished = now()
+                row_id = flight.row_id
+                if row_id is None:
+                    row_id = _row_at_the_end(session, flight)
                 session.execute(
                     update(TaskRun)
-                    .where(TaskRun.id == flight.row_id)
+                    .where(TaskRun.id == row_id)
                     .values(
                         outcome=outcome,
                         finished_at=finished,
@@ -303,12 +331,26 @@ def _on_postrun(
                 )
                 if outcome in ("success", "skipped"):
                     # The dead man's switch: read by fleet exporter, whichever worker ran it.
-                    succeeded = {task.name: finished.timestamp()}
-                    record_health(session, LAST_SUCCESS, succeeded, finished)
+                    record_health(session, LAST_SUCCESS, {job: finished.timestamp()}, finished)
+            return
         except Exception as exc:
-            log.warning("task_run_record_failed", phase="finish", error=describe_error(exc))
-    log.info("task_finished", outcome=outcome, seconds=round(seconds, 3), error=error)
-    structlog.contextvars.unbind_contextvars("job", "task_id", "schedule")
+            log.warning(
+                "task_run_record_failed", phase="finish", tries=tries, error=describe_error(exc)
+            )
+
+
+def _row_at_the_end(session: Any, flight: _InFlight) -> int:
+    """The row of a run whose start could not be recorded (or read back): found if the
+    start did commit after all, else written now, with the time the run started."""
+    found = session.scalar(_started_row(flight.row))
+    if found is not None:
+        return int(found)
+    outcome = "duplicate" if flight.duplicate else "running"
+    written = session.execute(
+        insert(TaskRun).values(**flight.row, outcome=outcome).returning(TaskRun.id)
+    ).scalar_one()
+    log.warning("task_run_recorded_at_its_end")
+    return int(written)
 
 
 def _on_revoked(request: Any = None, expired: bool = False, sender: Any = None, **_: Any) -> None:
@@ -329,24 +371,29 @@ def _on_revoked(request: Any = None, expired: bool = False, sender: Any = None, 
     rt = installed()
     if rt is None:
         return
-    try:
-        at = now()
-        with rt.sessions.begin() as session:
-            session.execute(
-                insert(TaskRun).values(
-                    job=name,
-                    task_id=task_id,
-                    schedule=schedule,
-                    attempt=0,
-                    worker=getattr(request, "hostname", None),
-                    started_at=at,
-                    finished_at=at,
-                    outcome="expired",
-                    error="the message arrived after its expiry (the fire's next run or grace)",
-                )
+    at = now()
+    row = {
+        "job": name,
+        "task_id": task_id,
+        "schedule": schedule,
+        "attempt": 0,
+        "worker": getattr(request, "hostname", None),
+        "started_at": at,
+        "finished_at": at,
+        "outcome": "expired",
+        "error": "the message arrived after its expiry (the fire's next run or grace)",
+    }
+    for tries in (1, 2):  # a cut connection is met by writing again, unless it committed
+        try:
+            with rt.sessions.begin() as session:
+                if tries > 1 and session.scalar(_started_row(row)) is not None:
+                    return
+                session.execute(insert(TaskRun).values(**row))
+            return
+        except Exception as exc:
+            log.warning(
+                "task_run_record_failed", phase="expired", tries=tries, error=describe_error(exc)
             )
-    except Exception as exc:
-        log.warning("task_run_record_failed", phase="expired", error=describe_error(exc))
 
 
 def _header_of(request: Any, name: str) -> str | None:

@@ -61,6 +61,77 @@ def test_a_run_start_whose_commit_answer_is_lost_is_found_and_finished(
             bookkeeping._inflight.pop("task-1", None)
 
 
+def _heartbeat(worker: str = "worker-1@test") -> SimpleNamespace:
+    request = SimpleNamespace(retries=0, hostname=worker, headers={}, delivery_info={})
+    return SimpleNamespace(name="fleet.heartbeat", request=request)
+
+
+def _runs(rt: Runtime, task_id: str) -> list[TaskRun]:
+    with rt.sessions() as session:
+        return list(session.scalars(select(TaskRun).where(TaskRun.task_id == task_id)))
+
+
+def test_a_run_start_cut_before_it_commits_is_written_again(
+    through_proxy: tuple[CuttingProxy, Runtime],
+) -> None:
+    """A backend terminated under the start (as ``pg_terminate_backend`` does): the start
+    never committed, the read-back finds nothing, and the start is written once more.
+    Before, the run went on with no row at all: a chaos run found fires that had run
+    reported as enqueued and never run."""
+    proxy, rt = through_proxy
+    task = _heartbeat()
+    proxy.arm(b"UPDATE task_runs")
+    bookkeeping._on_prerun("task-2", task, {})
+    try:
+        assert proxy.cuts == 1
+        with bookkeeping._inflight_lock:
+            flight = bookkeeping._inflight["task-2"]
+        [row] = _runs(rt, "task-2")
+        assert flight.row_id == row.id and row.outcome == "running"
+    finally:
+        bookkeeping._on_postrun("task-2", task, retval={"ok": True}, state="SUCCESS")
+    [row] = _runs(rt, "task-2")
+    assert row.outcome == "success"
+
+
+def test_a_run_whose_start_cannot_be_written_is_recorded_at_its_end(
+    through_proxy: tuple[CuttingProxy, Runtime],
+) -> None:
+    """Both tries of the start cut: the run goes on without a row, and its end writes the
+    whole row (with the time it started). The end's own COMMIT answer is lost too: the
+    second try finds the row it wrote and does not write another."""
+    proxy, rt = through_proxy
+    task = _heartbeat()
+    proxy.arm(b"UPDATE task_runs", times=2)
+    bookkeeping._on_prerun("task-3", task, {})
+    with bookkeeping._inflight_lock:
+        flight = bookkeeping._inflight["task-3"]
+    assert proxy.cuts == 2 and flight.row_id is None and _runs(rt, "task-3") == []
+    proxy.arm(b"COMMIT")
+    bookkeeping._on_postrun("task-3", task, retval={"ok": True}, state="SUCCESS")
+    assert proxy.cuts == 3
+    [row] = _runs(rt, "task-3")
+    assert row.outcome == "success" and row.worker == "worker-1@test"
+    assert row.started_at == flight.row["started_at"] and row.finished_at is not None
+    assert row.finished_at >= row.started_at
+
+
+def test_a_start_that_committed_unseen_is_finished_not_written_twice(
+    through_proxy: tuple[CuttingProxy, Runtime],
+) -> None:
+    """The start committed but neither its answer nor the read-back came back (the
+    database went away between): the end finds that row and finishes it."""
+    _, rt = through_proxy
+    task = _heartbeat()
+    row = bookkeeping._row_of(task, "task-4", None, {})
+    bookkeeping._record_start(rt, "task-4", row)
+    with bookkeeping._inflight_lock:
+        bookkeeping._inflight["task-4"] = bookkeeping._InFlight(row_id=None, started=0.0, row=row)
+    bookkeeping._on_postrun("task-4", task, retval=None, state="FAILURE")
+    [run] = _runs(rt, "task-4")
+    assert run.outcome == "failure"
+
+
 def test_an_analysis_whose_commit_answer_is_lost_is_not_recorded_twice(
     through_proxy: tuple[CuttingProxy, Runtime],
 ) -> None:
