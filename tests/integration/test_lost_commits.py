@@ -117,19 +117,23 @@ def test_a_run_whose_start_cannot_be_written_is_recorded_at_its_end(
 
 
 def test_a_start_that_committed_unseen_is_finished_not_written_twice(
-    through_proxy: tuple[CuttingProxy, Runtime],
+    db_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     """The start committed but neither its answer nor the read-back came back (the
-    database went away between): the end finds that row and finishes it."""
-    _, rt = through_proxy
-    task = _heartbeat()
-    row = bookkeeping._row_of(task, "task-4", None, {})
-    bookkeeping._record_start(rt, "task-4", row)
-    with bookkeeping._inflight_lock:
-        bookkeeping._inflight["task-4"] = bookkeeping._InFlight(row_id=None, started=0.0, row=row)
-    bookkeeping._on_postrun("task-4", task, retval=None, state="FAILURE")
-    [run] = _runs(rt, "task-4")
-    assert run.outcome == "failure"
+    database went away between): the end finds that row, by its start time to the
+    microsecond on either backend, and finishes it."""
+    rt = install(Runtime(FleetSettings(home=tmp_path, database_url=db_url, redis_url=redis_url)))
+    try:
+        task = _heartbeat()
+        row = bookkeeping._row_of(task, "task-4", None, {})
+        bookkeeping._record_start(rt, "task-4", row)
+        with bookkeeping._inflight_lock:
+            bookkeeping._inflight["task-4"] = bookkeeping._InFlight(None, 0.0, row=row)
+        bookkeeping._on_postrun("task-4", task, retval=None, state="FAILURE")
+        [run] = _runs(rt, "task-4")
+        assert run.outcome == "failure" and run.started_at == row["started_at"]
+    finally:
+        rt.close()
 
 
 def test_an_analysis_whose_commit_answer_is_lost_is_not_recorded_twice(
