@@ -235,12 +235,14 @@ def _record_start(rt: Any, task_id: str, row: dict[str, Any], duplicate: bool = 
             .values(outcome="retry", finished_at=at)
         )
         # The same attempt running again: the message came back after its worker died.
+        # (Never this start's own row, should a first try's COMMIT land late.)
         lost = session.execute(
             update(TaskRun)
             .where(
                 TaskRun.task_id == task_id,
                 TaskRun.outcome == "running",
                 TaskRun.attempt >= attempt,
+                TaskRun.started_at != at,
             )
             .values(outcome="lost", finished_at=at, error="worker lost before the run finished")
             .returning(TaskRun.id)

@@ -245,3 +245,23 @@ def test_overlapping_secret_checks_take_turns_and_audit_each_change_once(
         ).all()
     rt.close()
     assert sorted(audited) == ["apis/openai", "db/chatbot"]
+
+
+def test_a_second_try_of_a_start_never_calls_its_own_first_row_lost(
+    db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A first try whose COMMIT lands only after the read-back looked: the second try's
+    sweep for runs left by dead workers leaves this start's own row alone (a row of the
+    same task and attempt started earlier is still swept)."""
+    rt = install(Runtime(FleetSettings(home=tmp_path, database_url=db_url, redis_url=redis_url)))
+    try:
+        task = _heartbeat()
+        earlier = bookkeeping._row_of(task, "task-5", None, {})
+        bookkeeping._record_start(rt, "task-5", earlier)  # a worker that died mid-run
+        row = bookkeeping._row_of(task, "task-5", None, {})
+        bookkeeping._record_start(rt, "task-5", row)
+        bookkeeping._record_start(rt, "task-5", row)  # the second try
+        outcomes = {(r.started_at == row["started_at"], r.outcome) for r in _runs(rt, "task-5")}
+        assert outcomes == {(False, "lost"), (True, "running")}
+    finally:
+        rt.close()
