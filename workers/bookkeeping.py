@@ -5,7 +5,8 @@ end), log context (job, task id, schedule), and the run metrics. A row left ``ru
 a worker that died is marked ``lost`` when the same task starts again elsewhere.
 
 Bookkeeping never breaks a run: if the database is away, the run goes on, the metrics are
-still counted and the failure to record is logged.
+still counted and the failure to record is logged. Each write is tried twice (see
+:func:`_twice`); a run whose start could not be written is written whole at its end.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis
@@ -30,6 +32,7 @@ from workers.logs import get_logger, redact
 from workers.runtime import installed
 
 log = get_logger("fleet.runs")
+_T = TypeVar("_T")
 
 SCHEDULE_HEADER = "fleet_schedule"
 FIRE_HEADER = "fleet_fire"
@@ -148,7 +151,7 @@ def _on_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **
             duplicate = not _first_of_fire(rt, task, task_id)
         except Exception as exc:
             log.warning("fire_run_claim_failed", error=describe_error(exc))
-        row_id = _start(rt, task_id, row, duplicate)
+        row_id = _start(rt, row, duplicate)
     with _inflight_lock:
         _inflight[task_id] = _InFlight(row_id=row_id, started=started, duplicate=duplicate, row=row)
     if duplicate:
@@ -157,24 +160,30 @@ def _on_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **
     log.info("task_started", attempt=row["attempt"])
 
 
-def _start(rt: Any, task_id: str, row: dict[str, Any], duplicate: bool) -> int | None:
+def _start(rt: Any, row: dict[str, Any], duplicate: bool) -> int | None:
     """The run's row, written before it runs. A start cut on its way (a backend terminated,
     an answer lost) is read back, and written once more if it did not commit. None when
     the database could not say: the run goes on and its end writes the row."""
-    for tries in (1, 2):
+
+    def write(again: bool) -> int:
+        found = _read_back_start(rt, row) if again else None
+        return found if found is not None else _record_start(rt, row, duplicate)
+
+    return _twice("start", write)
+
+
+def _twice(phase: str, write: Callable[[bool], _T]) -> _T | None:
+    """``write`` tried twice: a cut connection (a terminated backend, a lost answer) is met
+    by writing again, ``write(True)`` first looking for what the first try may have
+    committed. None when both tries failed."""
+    for again in (False, True):
         try:
-            return _record_start(rt, task_id, row, duplicate)
+            return write(again)
         except Exception as exc:
+            tries = 2 if again else 1
             log.warning(
-                "task_run_record_failed", phase="start", tries=tries, error=describe_error(exc)
+                "task_run_record_failed", phase=phase, tries=tries, error=describe_error(exc)
             )
-        try:
-            found = _read_back_start(rt, row)
-        except Exception as exc:
-            log.warning("task_run_read_back_failed", error=describe_error(exc))
-            return None  # it may have committed: only the end can tell, by reading again
-        if found is not None:
-            return found
     return None
 
 
@@ -213,8 +222,8 @@ def _row_of(
     }
 
 
-def _record_start(rt: Any, task_id: str, row: dict[str, Any], duplicate: bool = False) -> int:
-    at, attempt = row["started_at"], row["attempt"]
+def _record_start(rt: Any, row: dict[str, Any], duplicate: bool = False) -> int:
+    task_id, at, attempt = row["task_id"], row["started_at"], row["attempt"]
     if duplicate:  # recorded, finished at once; the run that took the fire is left alone
         finished = {"finished_at": at, "outcome": "duplicate"}
         error = "a second message of a fire that another run took"
@@ -312,33 +321,30 @@ def _on_postrun(
 def _finish(
     rt: Any, job: str, flight: _InFlight, outcome: str, error: str | None, retval: Any
 ) -> None:
-    """The run's end, on its row. Tried twice: a cut connection (a terminated backend, a
-    lost answer) is met by writing again, which finds the same row."""
-    for tries in (1, 2):
-        try:
-            with rt.sessions.begin() as session:
-                finished = now()
-                row_id = flight.row_id
-                if row_id is None:
-                    row_id = _row_at_the_end(session, flight)
-                session.execute(
-                    update(TaskRun)
-                    .where(TaskRun.id == row_id)
-                    .values(
-                        outcome=outcome,
-                        finished_at=finished,
-                        error=error if outcome in ("failure", "retry") else None,
-                        result=result_summary(retval) if outcome != "failure" else None,
-                    )
+    """The run's end, on its row; written again after a cut connection, which finds the
+    same row (by its id, or as :func:`_row_at_the_end` finds it)."""
+
+    def write(_again: bool) -> None:
+        with rt.sessions.begin() as session:
+            finished = now()
+            row_id = flight.row_id
+            if row_id is None:
+                row_id = _row_at_the_end(session, flight)
+            session.execute(
+                update(TaskRun)
+                .where(TaskRun.id == row_id)
+                .values(
+                    outcome=outcome,
+                    finished_at=finished,
+                    error=error if outcome in ("failure", "retry") else None,
+                    result=result_summary(retval) if outcome != "failure" else None,
                 )
-                if outcome in ("success", "skipped"):
-                    # The dead man's switch: read by fleet exporter, whichever worker ran it.
-                    record_health(session, LAST_SUCCESS, {job: finished.timestamp()}, finished)
-            return
-        except Exception as exc:
-            log.warning(
-                "task_run_record_failed", phase="finish", tries=tries, error=describe_error(exc)
             )
+            if outcome in ("success", "skipped"):
+                # The dead man's switch: read by fleet exporter, whichever worker ran it.
+                record_health(session, LAST_SUCCESS, {job: finished.timestamp()}, finished)
+
+    _twice("finish", write)
 
 
 def _row_at_the_end(session: Any, flight: _InFlight) -> int:
@@ -385,17 +391,14 @@ def _on_revoked(request: Any = None, expired: bool = False, sender: Any = None, 
         "outcome": "expired",
         "error": "the message arrived after its expiry (the fire's next run or grace)",
     }
-    for tries in (1, 2):  # a cut connection is met by writing again, unless it committed
-        try:
-            with rt.sessions.begin() as session:
-                if tries > 1 and session.scalar(_started_row(row)) is not None:
-                    return
-                session.execute(insert(TaskRun).values(**row))
-            return
-        except Exception as exc:
-            log.warning(
-                "task_run_record_failed", phase="expired", tries=tries, error=describe_error(exc)
-            )
+
+    def write(again: bool) -> None:
+        with rt.sessions.begin() as session:
+            if again and session.scalar(_started_row(row)) is not None:
+                return  # the first try committed
+            session.execute(insert(TaskRun).values(**row))
+
+    _twice("expired", write)
 
 
 def _header_of(request: Any, name: str) -> str | None:

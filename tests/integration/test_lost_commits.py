@@ -126,7 +126,7 @@ def test_a_start_that_committed_unseen_is_finished_not_written_twice(
     try:
         task = _heartbeat()
         row = bookkeeping._row_of(task, "task-4", None, {})
-        bookkeeping._record_start(rt, "task-4", row)
+        bookkeeping._record_start(rt, row)
         with bookkeeping._inflight_lock:
             bookkeeping._inflight["task-4"] = bookkeeping._InFlight(None, 0.0, row=row)
         bookkeeping._on_postrun("task-4", task, retval=None, state="FAILURE")
@@ -257,10 +257,10 @@ def test_a_second_try_of_a_start_never_calls_its_own_first_row_lost(
     try:
         task = _heartbeat()
         earlier = bookkeeping._row_of(task, "task-5", None, {})
-        bookkeeping._record_start(rt, "task-5", earlier)  # a worker that died mid-run
+        bookkeeping._record_start(rt, earlier)  # a worker that died mid-run
         row = bookkeeping._row_of(task, "task-5", None, {})
-        bookkeeping._record_start(rt, "task-5", row)
-        bookkeeping._record_start(rt, "task-5", row)  # the second try
+        bookkeeping._record_start(rt, row)
+        bookkeeping._record_start(rt, row)  # the second try
         outcomes = {(r.started_at == row["started_at"], r.outcome) for r in _runs(rt, "task-5")}
         assert outcomes == {(False, "lost"), (True, "running")}
     finally:
